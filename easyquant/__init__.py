@@ -1,0 +1,26 @@
+"""easyquant: data-free 4- and 3-bit weight quantization with sparse fp16 outliers (EasyQuant)."""
+
+from .errors import EasyQuantError
+from .grid import Grid
+from .objective import Objective
+from .outliers import sigma_mask
+from .qweight import QuantizedWeight
+from .quantize import QuantConfig, quantize_weight
+from .solvers import GridSearch, MaxAbs, PaperAdam, RangeSolver, Search, make_solver
+
+__all__ = [
+    "EasyQuantError",
+    "Grid",
+    "GridSearch",
+    "MaxAbs",
+    "Objective",
+    "PaperAdam",
+    "QuantConfig",
+    "QuantizedWeight",
+    "RangeSolver",
+    "Search",
+    "make_solver",
+    "quantize_weight",
+    "sigma_mask",
+]
+__version__ = "0.1.0"

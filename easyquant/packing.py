@@ -1,0 +1,42 @@
+"""Dense bit-packing of unsigned k-bit codes, row by row.
+
+Layout: each row's codes are taken 8 at a time (the row is zero-padded to a multiple of 8)
+and written as one little-endian bit stream of ``k`` bytes: code ``i`` of the block occupies
+bits ``[k*i, k*i + k)``. At 4 bits this is the usual two codes per byte, low nibble first
+(byte ``j`` = ``c[2j] | c[2j+1] << 4``); at 2 bits four per byte; at 3 bits eight codes in
+three bytes. A ``(rows, cols)`` matrix packs to ``(rows, ceil(cols / 8) * k)`` uint8.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def packed_cols(cols: int, bits: int) -> int:
+    return math.ceil(cols / 8) * bits
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``(rows, cols)`` unsigned codes in ``[0, 2^bits)`` into uint8."""
+    rows, cols = codes.shape
+    blocks = math.ceil(cols / 8)
+    x = torch.nn.functional.pad(codes.to(torch.int64), (0, blocks * 8 - cols)).view(rows, blocks, 8)
+    if bits == 8:  # a byte per code; the shifts below would overflow int64
+        return x.to(torch.uint8).reshape(rows, blocks * 8)
+    shifts = torch.arange(8, device=codes.device) * bits
+    stream = (x << shifts).sum(dim=2, keepdim=True)
+    out = (stream >> (torch.arange(bits, device=codes.device) * 8)) & 0xFF
+    return out.to(torch.uint8).reshape(rows, blocks * bits)
+
+
+def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``(rows, cols)`` uint8 codes."""
+    rows = packed.shape[0]
+    if bits == 8:
+        return packed[:, :cols].clone()
+    x = packed.to(torch.int64).view(rows, -1, bits)
+    stream = (x << (torch.arange(bits, device=packed.device) * 8)).sum(dim=2, keepdim=True)
+    codes = (stream >> (torch.arange(8, device=packed.device) * bits)) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).reshape(rows, -1)[:, :cols]

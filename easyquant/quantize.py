@@ -1,0 +1,144 @@
+"""Quantize one weight matrix: validate, isolate outliers, solve ranges, pack."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import EasyQuantError
+from .grid import FP16_MAX, Grid, initial_scale, orient
+from .groups import from_groups, to_groups
+from .outliers import Scope, sigma_mask
+from .packing import pack
+from .qweight import QuantizedWeight, csr_from_mask
+from .solvers import SOLVERS, RangeSolver, make_solver
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Above this share of outliers the sparse part is no longer sparse: it costs more than it saves.
+WARN_OUTLIER_FRACTION = 0.05
+# Rows are solved in chunks of about this many weights, which bounds the solvers' memory.
+CHUNK_ELEMENTS = 1 << 23
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a weight matrix.
+
+    ``group_size=None`` is per output channel. ``n_sigma=None`` keeps no outliers.
+    ``p=None`` takes the solver's default objective (2 for ``paper``, 2.4 for ``mse``,
+    3 for ``search``). ``max_outlier_fraction`` refuses an ``n_sigma`` that would turn a
+    large share of the weights into fp16 outliers.
+    """
+
+    bits: int = 4
+    group_size: int | None = None
+    n_sigma: float | None = 3.0
+    outlier_scope: Scope = "tensor"
+    solver: str = "search"
+    p: float | None = None
+    max_outlier_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        Grid(self.bits)
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise EasyQuantError(f"group_size must be a positive integer or None, got {self.group_size!r}")
+        if self.n_sigma is not None and not (math.isfinite(self.n_sigma) and self.n_sigma > 0):
+            raise EasyQuantError(f"n_sigma must be a positive number or None, got {self.n_sigma!r}")
+        if self.outlier_scope not in ("tensor", "row"):
+            raise EasyQuantError(f"outlier_scope must be 'tensor' or 'row', got {self.outlier_scope!r}")
+        if self.solver not in SOLVERS:
+            raise EasyQuantError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
+
+    def make_solver(self) -> RangeSolver:
+        return make_solver(self.solver, self.p)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def validate_weight(w: torch.Tensor, name: str) -> None:
+    """Raise :class:`EasyQuantError` naming ``name`` for anything that is not a finite 2-D float matrix."""
+    if not isinstance(w, torch.Tensor):
+        raise EasyQuantError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise EasyQuantError(f"{name}: dtype {w.dtype} is not a floating-point weight; easyquant quantizes fp16, bf16, fp32 or fp64")
+    if w.dim() != 2:
+        raise EasyQuantError(f"{name}: expected a 2-D weight (out_features, in_features), got shape {tuple(w.shape)}")
+    if w.numel() == 0:
+        raise EasyQuantError(f"{name}: weight is empty (shape {tuple(w.shape)})")
+    bad = (~torch.isfinite(w)).sum().item()
+    if bad:
+        raise EasyQuantError(f"{name}: weight holds {bad} NaN or Inf values; refusing to quantize it")
+    if w.abs().max().item() > FP16_MAX:
+        raise EasyQuantError(f"{name}: weights exceed the fp16 range (|w| > {FP16_MAX:g}); its scales and outliers cannot be stored in fp16")
+
+
+def outlier_mask(w: torch.Tensor, config: QuantConfig, name: str) -> torch.Tensor:
+    if config.n_sigma is None:
+        return torch.zeros_like(w, dtype=torch.bool)
+    mask = sigma_mask(w, config.n_sigma, config.outlier_scope)
+    frac = mask.float().mean().item()
+    if frac > config.max_outlier_fraction:
+        raise EasyQuantError(
+            f"{name}: n_sigma={config.n_sigma:g} ({config.outlier_scope}) makes {frac:.1%} of the weights outliers, "
+            f"over the limit of {config.max_outlier_fraction:.0%}; use a larger n_sigma"
+        )
+    if frac > WARN_OUTLIER_FRACTION:
+        warnings.warn(f"{name}: {frac:.2%} of the weights are outliers (n_sigma={config.n_sigma:g}); the sparse part will be costly", stacklevel=3)
+    return mask
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    config: QuantConfig | None = None,
+    col_weight: torch.Tensor | None = None,
+    name: str = "weight",
+) -> QuantizedWeight:
+    """EasyQuant one ``(out_features, in_features)`` weight.
+
+    ``col_weight`` (``(in_features,)``, non-negative) weighs each input column in the range
+    objective, for example by the squared norm weights that scale the layer's inputs.
+    Computation runs in fp32 on ``w``'s device; the result is bit-identical for the same
+    input and settings.
+    """
+    config = config or QuantConfig()
+    validate_weight(w, name)
+    rows, cols = w.shape
+    gs = min(config.group_size or cols, cols)
+    grid = Grid(config.bits)
+    x = w.float()
+    mask = outlier_mask(x, config, name)
+
+    c = (~mask).float()
+    if col_weight is not None:
+        if col_weight.shape != (cols,) or not bool(torch.isfinite(col_weight).all()) or bool((col_weight < 0).any()):
+            raise EasyQuantError(f"{name}: col_weight must be {cols} finite non-negative values, got shape {tuple(col_weight.shape)}")
+        c = c * col_weight.to(c)
+    wg, cg = to_groups(x, gs), to_groups(c, gs)
+    keep = cg > 0
+    sign = orient(wg, keep)
+    wg = wg * sign[:, None]
+    solver = config.make_solver()
+    step = max(1, CHUNK_ELEMENTS // gs)
+    s = torch.cat([
+        solver.solve(wg[i : i + step], cg[i : i + step], initial_scale(wg[i : i + step], keep[i : i + step], grid), grid)
+        for i in range(0, wg.shape[0], step)
+    ])
+    scales = (s * sign).to(torch.float16)
+    codes = grid.codes(wg, s[:, None])
+    codes = from_groups(codes, rows, cols).masked_fill(mask, 0)
+    rowptr, col_idx, values = csr_from_mask(mask, x)
+    return QuantizedWeight(
+        packed=pack((codes - grid.qmin).to(torch.uint8), config.bits),
+        scales=scales.reshape(rows, -1),
+        outlier_rowptr=rowptr,
+        outlier_cols=col_idx,
+        outlier_values=values,
+        bits=config.bits,
+        group_size=gs,
+        shape=(rows, cols),
+        dtype=w.dtype,
+    )

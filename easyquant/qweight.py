@@ -1,0 +1,114 @@
+"""The quantized-weight type: packed low-bit codes, fp16 scales and fp16 sparse outliers.
+
+Memory layout of a ``(rows, cols)`` weight quantized at ``bits`` with groups of
+``group_size`` columns (``group_size == cols`` for per-channel):
+
+- ``packed``: uint8 ``(rows, ceil(cols / 8) * bits)``, the codes ``q - qmin`` (unsigned) of
+  every weight, packed as :mod:`easyquant.packing` describes. Outlier positions hold the
+  code of 0, so the dense part contributes nothing there.
+- ``scales``: fp16 ``(rows, ceil(cols / group_size))``; the sign is part of the scale.
+- outliers in CSR: ``outlier_rowptr`` int32 (int64 past 2^31 outliers) ``(rows + 1,)``,
+  ``outlier_cols`` in the narrowest type holding a column index (uint8 up to 256 columns,
+  int16 up to 32768, else int32) ``(nnz,)``, ascending within a row, and
+  ``outlier_values`` fp16 ``(nnz,)``.
+
+The weight it stands for is ``scales[r, j // group_size] * (code - qmin)`` with the outliers
+written over it: :meth:`QuantizedWeight.dequantize`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from .grid import Grid
+from .groups import group_count
+from .packing import packed_cols, unpack
+
+
+def index_dtype(cols: int) -> torch.dtype:
+    """Narrowest integer dtype that holds every column index of a ``cols``-wide row."""
+    if cols <= 256:
+        return torch.uint8
+    if cols <= 32768:
+        return torch.int16
+    return torch.int32
+
+
+def csr_from_mask(mask: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR (row pointers, column indices, fp16 values) of the True entries of ``mask``."""
+    rows, cols = mask.shape
+    counts = mask.sum(dim=1)
+    ptr_dtype = torch.int32 if int(counts.sum()) < 2**31 else torch.int64
+    rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(ptr_dtype)
+    col_idx = mask.nonzero()[:, 1].to(index_dtype(cols))
+    return rowptr, col_idx, values[mask].to(torch.float16)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    packed: torch.Tensor
+    scales: torch.Tensor
+    outlier_rowptr: torch.Tensor
+    outlier_cols: torch.Tensor
+    outlier_values: torch.Tensor
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        rows, cols = self.shape
+        expect = {
+            "packed": (rows, packed_cols(cols, self.bits)),
+            "scales": (rows, group_count(cols, self.group_size)),
+            "outlier_rowptr": (rows + 1,),
+            "outlier_values": tuple(self.outlier_cols.shape),
+        }
+        for name, shape in expect.items():
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.bits)
+
+    @property
+    def outlier_count(self) -> int:
+        return self.outlier_values.numel()
+
+    @property
+    def outlier_fraction(self) -> float:
+        return self.outlier_count / (self.shape[0] * self.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Storage of everything the weight needs: codes, scales, outliers and their indices."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    def codes(self) -> torch.Tensor:
+        """Signed integer codes ``(rows, cols)`` as int8 (0 at outliers)."""
+        return unpack(self.packed, self.bits, self.shape[1]).to(torch.int8) + self.grid.qmin
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        rows, cols = self.shape
+        scale = self.scales.float().repeat_interleave(self.group_size, dim=1)[:, :cols]
+        w = scale * self.codes().float()
+        if self.outlier_count:
+            r = torch.repeat_interleave(
+                torch.arange(rows, device=w.device), torch.diff(self.outlier_rowptr.long())
+            )
+            w[r, self.outlier_cols.long()] = self.outlier_values.float()
+        return w.to(dtype or self.dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by name (what a checkpoint holds)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        return replace(self, **{k: v.to(device) for k, v in self.tensors().items()})

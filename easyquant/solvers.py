@@ -1,0 +1,159 @@
+"""Range solvers: one class per strategy for choosing each row's (or group's) scale.
+
+Every solver sees oriented rows (largest-magnitude kept weight negative, see
+:func:`easyquant.grid.orient`), their importances ``c`` (0 = not quantized), and the max-abs
+scale ``s0``; it returns positive scales already rounded to fp16, the values that will be
+stored, so that the loss it reports is the loss the checkpoint has. Rows are independent:
+every solver is vectorised over all rows at once, on whatever device the rows are.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .grid import FP16_TINY, Grid, to_fp16_grid
+from .objective import Objective
+
+
+@dataclass(frozen=True)
+class RangeSolver(ABC):
+    objective: Objective = field(default_factory=Objective)
+
+    @abstractmethod
+    def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """Scales ``(rows,)`` for rows ``w`` ``(rows, cols)`` with importances ``c``."""
+
+
+class MaxAbs(RangeSolver):
+    """Round-to-nearest with the max-abs range: the RTN baseline."""
+
+    def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
+        return to_fp16_grid(s0)
+
+
+class _Best:
+    """The best scale seen so far per row; a candidate replaces it only if strictly better."""
+
+    def __init__(self, w: torch.Tensor, c: torch.Tensor, grid: Grid, objective: Objective, s: torch.Tensor):
+        self._loss = lambda s: objective.loss(w, c, s, grid)
+        self.s = to_fp16_grid(s)
+        self.loss = self._loss(self.s)
+
+    def consider(self, s: torch.Tensor) -> None:
+        s = to_fp16_grid(s)
+        loss = self._loss(s)
+        better = loss < self.loss
+        self.s = torch.where(better, s, self.s)
+        self.loss = torch.where(better, loss, self.loss)
+
+
+@dataclass(frozen=True)
+class GridSearch(RangeSolver):
+    """GPTQ's range search (``quant.py``, ``mse=True``): shrink the max-abs range by
+    ``1 - i/steps`` for ``i < max_shrink * steps`` and keep the best. The RTN+MSE baseline."""
+
+    objective: Objective = field(default_factory=lambda: Objective(p=2.4))
+    steps: int = 100
+    max_shrink: float = 0.8
+
+    def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
+        best = _Best(w, c, grid, self.objective, s0)
+        for i in range(1, int(self.max_shrink * self.steps)):
+            best.consider(s0 * (1 - i / self.steps))
+        return best.s
+
+
+@dataclass(frozen=True)
+class PaperAdam(RangeSolver):
+    """The paper's recipe: Adam on the range ``r = s * 2^(k-1)`` from the max-abs start,
+    with the exact clamped gradient, taking the range at the last step.
+
+    Defaults are the paper's BLOOM setting (lr 1e-3, 100 steps); its LLaMA setting is
+    lr 1e-4, 500 steps. Deterministic: no randomness, fixed step count.
+    """
+
+    objective: Objective = field(default_factory=Objective)
+    lr: float = 1e-3
+    steps: int = 100
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    trace: Callable[[int, torch.Tensor], None] | None = None
+
+    def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
+        k = float(-grid.qmin)
+        b1, b2 = self.betas
+        r = s0 * k
+        m = torch.zeros_like(r)
+        v = torch.zeros_like(r)
+        for t in range(1, self.steps + 1):
+            g = self.objective.grad(w, c, r / k, grid) / k
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g.square()
+            r = r - self.lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + self.eps)
+            r = r.clamp_min(FP16_TINY * k)
+            if self.trace is not None:
+                self.trace(t, r)
+        return to_fp16_grid(r / k)
+
+
+@dataclass(frozen=True)
+class Search(RangeSolver):
+    """easyquant's solver: a coarse scan of the whole range, a fine scan around each row's
+    best, then a few reweighted least-squares steps (exact for ``p = 2``, IRLS otherwise).
+
+    The coarse scan finds the right basin of ``L(s)``, which has many local minima that
+    trap gradient descent; the fine scan and the closed-form steps land on the basin's
+    floor. Each candidate is accepted only if it lowers the loss at its stored fp16 value,
+    so the result is never worse than the max-abs start.
+    """
+
+    objective: Objective = field(default_factory=lambda: Objective(p=3.0))
+    coarse: int = 40
+    min_shrink: float = 0.2
+    fine: int = 16
+    refine: int = 4
+
+    def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
+        best = _Best(w, c, grid, self.objective, s0)
+        step = (1 - self.min_shrink) / max(self.coarse - 1, 1)
+        for t in torch.linspace(self.min_shrink, 1, self.coarse).tolist():
+            best.consider(s0 * t)
+        centre = best.s
+        for u in torch.linspace(-step, step, self.fine + 2)[1:-1].tolist():
+            best.consider(centre + s0 * u)
+        for _ in range(self.refine):
+            best.consider(self._least_squares(w, c, best.s, grid))
+        return best.s
+
+    def _least_squares(self, w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """With the codes held fixed, the scale minimising the (reweighted) squared error."""
+        q = grid.codes(w, s[:, None])
+        if self.objective.p != 2:
+            e = (s[:, None] * q - w).abs()
+            c = c * e.clamp_min(1e-12 * s[:, None]).pow(self.objective.p - 2)
+        num = (c * w * q).sum(dim=1)
+        den = (c * q * q).sum(dim=1)
+        return torch.where(den > 0, num / den.clamp_min(1e-30), s).clamp_min(FP16_TINY)
+
+
+SOLVERS: dict[str, type[RangeSolver]] = {
+    "rtn": MaxAbs,
+    "mse": GridSearch,
+    "paper": PaperAdam,
+    "search": Search,
+}
+
+
+def make_solver(name: str, p: float | None = None, **options: object) -> RangeSolver:
+    """A solver by name, with its default objective unless ``p`` is given."""
+    try:
+        cls = SOLVERS[name]
+    except KeyError:
+        raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}") from None
+    if p is not None:
+        options["objective"] = Objective(p=p)
+    return cls(**options)

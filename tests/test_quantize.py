@@ -1,0 +1,214 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import heavy_tailed
+from easyquant import EasyQuantError, QuantConfig, quantize_weight
+from easyquant.grid import Grid
+from easyquant.groups import from_groups, to_groups
+from easyquant.outliers import sigma_mask
+from easyquant.qweight import index_dtype
+
+
+def expanded_scales(q):
+    return q.scales.float().repeat_interleave(q.group_size, dim=1)[:, : q.shape[1]]
+
+
+@pytest.mark.filterwarnings("ignore:.*outliers")
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.integers(2, 8),
+    rows=st.integers(1, 12),
+    cols=st.integers(1, 70),
+    group=st.sampled_from([None, 8, 16, 32]),
+    solver=st.sampled_from(["rtn", "mse", "search", "paper"]),
+    seed=st.integers(0, 2**16),
+)
+def test_normal_weights_within_half_step_and_outliers_exact(bits, rows, cols, group, solver, seed):
+    w = heavy_tailed(rows, cols, seed=seed)
+    q = quantize_weight(w, QuantConfig(bits=bits, group_size=group, solver=solver))
+    grid, codes = Grid(bits), q.codes().float()
+    s = expanded_scales(q)
+    deq = q.dequantize()
+    outlier = torch.zeros_like(w, dtype=torch.bool)
+    r = torch.repeat_interleave(torch.arange(rows), torch.diff(q.outlier_rowptr.long()))
+    outlier[r, q.outlier_cols.long()] = True
+    # Outliers come back exactly, to fp16.
+    assert torch.equal(deq[outlier], w[outlier].half().float())
+    # dequantize() is exactly scale * code elsewhere.
+    assert torch.equal(deq[~outlier], (s * codes)[~outlier])
+    # A normal weight that is not clipped is within half a step of its reconstruction.
+    unclipped = ~outlier & (codes > grid.qmin) & (codes < grid.qmax)
+    err = (deq - w).abs()
+    assert torch.all(err[unclipped] <= s.abs()[unclipped] / 2 * (1 + 1e-6) + 1e-12)
+    assert torch.all(codes[outlier] == 0)
+
+
+def test_rtn_clips_nothing(weight):
+    q = quantize_weight(weight, QuantConfig(solver="rtn", n_sigma=None))
+    err = (q.dequantize() - weight).abs()
+    # fp16 rounding of the scale may shave a hair off the range; never more.
+    assert torch.all(err <= expanded_scales(q).abs() / 2 * 1.002)
+
+
+def test_largest_weight_uses_the_long_side_of_the_grid(weight):
+    q = quantize_weight(weight, QuantConfig(solver="rtn", n_sigma=None))
+    peak = weight.abs().argmax(dim=1)
+    codes = q.codes()
+    peak_code = codes.gather(1, peak[:, None]).squeeze(1)
+    assert torch.all(peak_code < 0)
+    # No range is wasted: the peak sits on qmin unless the other side already reaches qmax.
+    assert torch.all((peak_code == Grid(4).qmin) | (codes.amax(dim=1) == Grid(4).qmax))
+    assert (peak_code == Grid(4).qmin).float().mean() > 0.5
+
+
+def test_sigma_rule_matches_definition(weight):
+    mask = sigma_mask(weight, 3.0)
+    x = weight.double()
+    assert torch.equal(mask, (x - x.mean()).abs() >= 3 * x.std(correction=0))
+    rows = sigma_mask(weight, 2.5, "row")
+    m, sd = x.mean(1, keepdim=True), x.std(1, correction=0, keepdim=True)
+    assert torch.equal(rows, (x - m).abs() >= 2.5 * sd)
+
+
+def test_outlier_fraction_and_count_are_reported(weight):
+    q = quantize_weight(weight, QuantConfig(n_sigma=3))
+    expected = int(sigma_mask(weight, 3).sum())
+    assert q.outlier_count == expected > 0
+    assert q.outlier_fraction == pytest.approx(expected / weight.numel())
+
+
+def test_bits_per_weight_counts_everything():
+    w = heavy_tailed(64, 512, seed=3)
+    q = quantize_weight(w, QuantConfig(bits=4, group_size=64))
+    nnz = q.outlier_count
+    expected_bytes = 64 * 512 // 2 + 64 * 8 * 2 + 65 * 4 + nnz * (2 + 2)
+    assert q.nbytes == expected_bytes
+    assert q.bits_per_weight == pytest.approx(8 * expected_bytes / (64 * 512))
+
+
+def test_index_dtype_is_narrowest():
+    assert index_dtype(256) == torch.uint8
+    assert index_dtype(257) == torch.int16
+    assert index_dtype(32768) == torch.int16
+    assert index_dtype(32769) == torch.int32
+
+
+def test_deterministic(weight):
+    cfg = QuantConfig(bits=3, group_size=32, solver="search")
+    a, b = quantize_weight(weight, cfg), quantize_weight(weight.clone(), cfg)
+    for k, v in a.tensors().items():
+        assert torch.equal(v, b.tensors()[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_float_dtypes(weight, dtype):
+    w = weight.to(dtype)
+    q = quantize_weight(w)
+    assert q.dtype == dtype and q.dequantize().dtype == dtype
+    rel = (q.dequantize().float() - w.float()).norm() / w.float().norm()
+    assert rel < 0.12
+
+
+def test_ragged_last_group():
+    w = heavy_tailed(8, 576, seed=4)  # SmolLM2's width; 128 does not divide it
+    q = quantize_weight(w, QuantConfig(group_size=128))
+    assert q.scales.shape == (8, 5)
+    assert q.group_size == 128
+    # The short last group (64 columns) gets a scale fitted to its own weights.
+    last = quantize_weight(w[:, 512:], QuantConfig(group_size=64, n_sigma=None))
+    q2 = quantize_weight(w, QuantConfig(group_size=128, n_sigma=None))
+    assert torch.equal(q2.scales[:, 4], last.scales[:, 0])
+
+
+def test_group_size_larger_than_row_is_per_channel(weight):
+    a = quantize_weight(weight, QuantConfig(group_size=4096))
+    b = quantize_weight(weight, QuantConfig(group_size=None))
+    assert torch.equal(a.scales, b.scales) and a.group_size == weight.shape[1]
+
+
+def test_groups_round_trip():
+    x = torch.arange(30.0).reshape(3, 10)
+    g = to_groups(x, 4)
+    assert g.shape == (9, 4)
+    assert torch.equal(from_groups(g, 3, 10), x)
+
+
+def test_zero_and_constant_rows_are_exact():
+    w = heavy_tailed(4, 64, seed=5)
+    w[1] = 0.0
+    w[2] = 0.013
+    for scope in ("tensor", "row"):
+        q = quantize_weight(w, QuantConfig(outlier_scope=scope))
+        deq = q.dequantize()
+        assert torch.equal(deq[1], torch.zeros(64))
+        assert torch.allclose(deq[2], torch.full((64,), 0.013), rtol=1e-3)
+
+
+def test_all_zero_tensor():
+    q = quantize_weight(torch.zeros(4, 16))
+    assert q.outlier_count == 0 and torch.equal(q.dequantize(), torch.zeros(4, 16))
+
+
+@pytest.mark.parametrize(
+    ("w", "match"),
+    [
+        (torch.tensor([[1.0, float("nan")]]), "NaN or Inf"),
+        (torch.tensor([[1.0, float("inf")]]), "NaN or Inf"),
+        (torch.ones(8), "2-D"),
+        (torch.ones(2, 3, 4), "2-D"),
+        (torch.ones(0, 4), "empty"),
+        (torch.ones(4, 4, dtype=torch.int32), "not a floating-point"),
+        (torch.ones(4, 4, dtype=torch.int8), "not a floating-point"),
+        (torch.full((2, 2), 1e6), "fp16 range"),
+    ],
+)
+def test_bad_weights_are_named(w, match):
+    with pytest.raises(EasyQuantError, match=rf"layers\.0\.q_proj: .*{match}"):
+        quantize_weight(w, name="layers.0.q_proj")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"bits": 1}, "bits must be"),
+        ({"bits": 9}, "bits must be"),
+        ({"group_size": 0}, "group_size"),
+        ({"n_sigma": -1.0}, "n_sigma"),
+        ({"n_sigma": float("nan")}, "n_sigma"),
+        ({"solver": "magic"}, "unknown solver"),
+        ({"outlier_scope": "column"}, "outlier_scope"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(EasyQuantError, match=match):
+        QuantConfig(**kwargs)
+
+
+def test_n_sigma_isolating_many_weights_is_refused(weight):
+    with pytest.raises(EasyQuantError, match=r"w\.down: n_sigma=0\.5 .* outliers"):
+        quantize_weight(weight, QuantConfig(n_sigma=0.5), name="w.down")
+
+
+def test_n_sigma_isolating_some_weights_warns(weight):
+    with pytest.warns(UserWarning, match="outliers"):
+        quantize_weight(weight, QuantConfig(n_sigma=1.6))
+
+
+def test_bad_col_weight(weight):
+    with pytest.raises(EasyQuantError, match="col_weight"):
+        quantize_weight(weight, col_weight=torch.ones(3))
+    with pytest.raises(EasyQuantError, match="col_weight"):
+        quantize_weight(weight, col_weight=-torch.ones(weight.shape[1]))
+
+
+def test_col_weight_trades_error_toward_heavy_columns():
+    w = heavy_tailed(64, 256, seed=6)
+    cw = torch.ones(256)
+    cw[:32] = 100.0
+    plain = quantize_weight(w, QuantConfig(bits=3, p=2.0))
+    weighted = quantize_weight(w, QuantConfig(bits=3, p=2.0), col_weight=cw)
+    def heavy_err(q):
+        return (q.dequantize() - w)[:, :32].square().sum()
+    assert heavy_err(weighted) < heavy_err(plain)

@@ -1,0 +1,111 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import heavy_tailed
+from easyquant import Objective, PaperAdam, Search, make_solver
+from easyquant.grid import Grid, initial_scale, orient, to_fp16_grid
+
+
+def oriented(w):
+    keep = torch.ones_like(w, dtype=torch.bool)
+    sign = orient(w, keep)
+    return w * sign[:, None], keep
+
+
+def dense_reference(w, c, s0, grid, objective, points=4000):
+    """The best loss over a dense scan of fp16 scales from 0.05 to 1.0 of max-abs."""
+    best = objective.loss(w, c, to_fp16_grid(s0), grid)
+    for t in torch.linspace(0.05, 1.0, points, dtype=torch.float64).tolist():
+        best = torch.minimum(best, objective.loss(w, c, to_fp16_grid(s0 * t), grid))
+    return best
+
+
+@settings(max_examples=40, deadline=None)
+@given(p=st.sampled_from([2.0, 2.4, 3.0, 4.0]), bits=st.integers(2, 6), seed=st.integers(0, 2**16))
+def test_gradient_matches_finite_differences(p, bits, seed):
+    w = heavy_tailed(6, 50, seed=seed).double()
+    w, _ = oriented(w)
+    c = torch.rand(w.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grid, obj = Grid(bits), Objective(p=p)
+    s = initial_scale(w, torch.ones_like(w, dtype=torch.bool), grid) * 0.83
+    h = s * 1e-7
+    # Only where no code changes inside [s-h, s+h] is L differentiable; check those rows.
+    same = (grid.codes(w, (s - h)[:, None]) == grid.codes(w, (s + h)[:, None])).all(dim=1)
+    fd = (obj.loss(w, c, s + h, grid) - obj.loss(w, c, s - h, grid)) / (2 * h)
+    g = obj.grad(w, c, s, grid)
+    assert same.any()
+    torch.testing.assert_close(g[same], fd[same], rtol=1e-5, atol=1e-9)
+
+
+def test_gradient_uses_the_clamped_code():
+    # One weight far beyond the range: its code is qmax, not round(w/s).
+    w = torch.tensor([[10.0, 0.3]], dtype=torch.float64)
+    s = torch.tensor([0.1], dtype=torch.float64)
+    grid = Grid(4)
+    expected = 2 * ((0.7 - 10.0) * 7 + (0.3 - 0.3) * 3)
+    assert Objective(2).grad(w, torch.ones_like(w), s, grid).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("solver", ["rtn", "mse", "paper", "search"])
+@pytest.mark.parametrize("p", [2.0, 3.0])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_never_worse_than_max_abs_on_its_objective(solver, p, bits):
+    w, keep = oriented(heavy_tailed(64, 128, seed=bits))
+    c = torch.ones_like(w)
+    grid, obj = Grid(bits), Objective(p=p)
+    s0 = initial_scale(w, keep, grid)
+    s = make_solver(solver, p=p).solve(w, c, s0, grid)
+    assert torch.equal(s, to_fp16_grid(s)), "scales must already be the stored fp16 values"
+    if solver in ("mse", "search"):
+        assert torch.all(obj.loss(w, c, s, grid) <= obj.loss(w, c, to_fp16_grid(s0), grid))
+
+
+@pytest.mark.parametrize("p", [2.0, 2.4, 3.0])
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("cols", [64, 576])
+def test_search_is_near_the_dense_reference(p, bits, cols):
+    w, keep = oriented(heavy_tailed(48, cols, seed=cols + bits))
+    c = torch.ones_like(w)
+    grid, obj = Grid(bits), Objective(p=p)
+    s0 = initial_scale(w, keep, grid)
+    ours = obj.loss(w, c, Search(objective=obj).solve(w, c, s0, grid), grid)
+    ref = dense_reference(w, c, s0, grid, obj)
+    gap = (ours - ref) / ref
+    assert gap.max() < 0.01, f"worst row {gap.max():.4f} above the dense reference"
+    assert gap.mean() < 0.002
+
+
+def test_search_beats_paper_adam_on_squared_error():
+    w, keep = oriented(heavy_tailed(256, 512, seed=11))
+    c = torch.ones_like(w)
+    grid, obj = Grid(4), Objective(p=2)
+    s0 = initial_scale(w, keep, grid)
+    ours = obj.loss(w, c, Search(objective=obj).solve(w, c, s0, grid), grid).sum()
+    paper = obj.loss(w, c, PaperAdam().solve(w, c, s0, grid), grid).sum()
+    rtn = obj.loss(w, c, to_fp16_grid(s0), grid).sum()
+    assert ours <= paper < rtn
+
+
+def test_paper_adam_moves_the_range_by_about_lr_per_step():
+    w, keep = oriented(heavy_tailed(8, 256, seed=2))
+    grid = Grid(4)
+    s0 = initial_scale(w, keep, grid)
+    ranges = []
+    PaperAdam(lr=1e-3, steps=5, trace=lambda t, r: ranges.append(r.clone())).solve(w, torch.ones_like(w), s0, grid)
+    assert len(ranges) == 5
+    # Adam's first step is lr * sign(gradient) on the range r = 8 s.
+    assert torch.allclose((ranges[0] - s0 * 8).abs(), torch.full((8,), 1e-3), rtol=1e-3)
+
+
+def test_paper_adam_is_reproducible():
+    w, keep = oriented(heavy_tailed(32, 128, seed=3))
+    c, grid = torch.ones_like(w), Grid(4)
+    s0 = initial_scale(w, keep, grid)
+    assert torch.equal(PaperAdam().solve(w, c, s0, grid), PaperAdam().solve(w.clone(), c, s0, grid))
+
+
+def test_unknown_solver():
+    with pytest.raises(ValueError, match="unknown solver 'adamw'"):
+        make_solver("adamw")
