@@ -4,8 +4,8 @@ from .errors import EasyQuantError
 from .grid import Grid
 from .objective import Objective
 from .outliers import sigma_mask
-from .qweight import QuantizedWeight
 from .quantize import QuantConfig, quantize_weight
+from .qweight import QuantizedWeight
 from .solvers import GridSearch, MaxAbs, PaperAdam, RangeSolver, Search, make_solver
 
 __all__ = [
@@ -24,3 +24,7 @@ __all__ = [
     "sigma_mask",
 ]
 __version__ = "0.1.0"
+
+from .hf import register as _register
+
+_register()

@@ -20,7 +20,7 @@ def group_count(cols: int, group_size: int) -> int:
 
 def to_groups(x: torch.Tensor, group_size: int, fill: float | bool = 0) -> torch.Tensor:
     """Reshape ``(rows, cols)`` into ``(rows * n_groups, group_size)``, padding with ``fill``."""
-    rows, cols = x.shape
+    cols = x.shape[1]
     pad = group_count(cols, group_size) * group_size - cols
     if pad:
         x = torch.nn.functional.pad(x, (0, pad), value=fill)

@@ -36,12 +36,15 @@ def index_dtype(cols: int) -> torch.dtype:
     return torch.int32
 
 
+def rowptr_dtype(nnz: int) -> torch.dtype:
+    return torch.int32 if nnz < 2**31 else torch.int64
+
+
 def csr_from_mask(mask: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CSR (row pointers, column indices, fp16 values) of the True entries of ``mask``."""
-    rows, cols = mask.shape
+    cols = mask.shape[1]
     counts = mask.sum(dim=1)
-    ptr_dtype = torch.int32 if int(counts.sum()) < 2**31 else torch.int64
-    rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(ptr_dtype)
+    rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(rowptr_dtype(int(counts.sum())))
     col_idx = mask.nonzero()[:, 1].to(index_dtype(cols))
     return rowptr, col_idx, values[mask].to(torch.float16)
 
@@ -100,9 +103,7 @@ class QuantizedWeight:
         scale = self.scales.float().repeat_interleave(self.group_size, dim=1)[:, :cols]
         w = scale * self.codes().float()
         if self.outlier_count:
-            r = torch.repeat_interleave(
-                torch.arange(rows, device=w.device), torch.diff(self.outlier_rowptr.long())
-            )
+            r = torch.repeat_interleave(torch.arange(rows, device=w.device), torch.diff(self.outlier_rowptr.long()))
             w[r, self.outlier_cols.long()] = self.outlier_values.float()
         return w.to(dtype or self.dtype)
 

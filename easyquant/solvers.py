@@ -43,12 +43,14 @@ class _Best:
         self.s = to_fp16_grid(s)
         self.loss = self._loss(self.s)
 
-    def consider(self, s: torch.Tensor) -> None:
+    def consider(self, s: torch.Tensor) -> torch.Tensor:
+        """Keep ``s`` where it beats the best so far; return its loss."""
         s = to_fp16_grid(s)
         loss = self._loss(s)
         better = loss < self.loss
         self.s = torch.where(better, s, self.s)
         self.loss = torch.where(better, loss, self.loss)
+        return loss
 
 
 @dataclass(frozen=True)
@@ -112,19 +114,23 @@ class Search(RangeSolver):
     """
 
     objective: Objective = field(default_factory=lambda: Objective(p=3.0))
-    coarse: int = 40
-    min_shrink: float = 0.2
-    fine: int = 16
+    coarse: int = 20
+    min_shrink: float = 0.05
+    basins: int = 2
+    fine: int = 8
     refine: int = 4
 
     def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
         best = _Best(w, c, grid, self.objective, s0)
+        shrinks = torch.linspace(self.min_shrink, 1, self.coarse, dtype=s0.dtype, device=s0.device)
+        coarse = torch.stack([best.consider(s0 * t) for t in shrinks])
         step = (1 - self.min_shrink) / max(self.coarse - 1, 1)
-        for t in torch.linspace(self.min_shrink, 1, self.coarse).tolist():
-            best.consider(s0 * t)
-        centre = best.s
-        for u in torch.linspace(-step, step, self.fine + 2)[1:-1].tolist():
-            best.consider(centre + s0 * u)
+        # The `basins` best coarse points: two near-equal basins are common at 3 bits.
+        centres = shrinks[coarse.topk(min(self.basins, self.coarse), dim=0, largest=False).indices]
+        offsets = torch.linspace(-step, step, self.fine + 2)[1:-1].tolist()
+        for centre in centres:
+            for u in offsets:
+                best.consider(s0 * (centre + u))
         for _ in range(self.refine):
             best.consider(self._least_squares(w, c, best.s, grid))
         return best.s

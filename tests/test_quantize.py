@@ -209,6 +209,8 @@ def test_col_weight_trades_error_toward_heavy_columns():
     cw[:32] = 100.0
     plain = quantize_weight(w, QuantConfig(bits=3, p=2.0))
     weighted = quantize_weight(w, QuantConfig(bits=3, p=2.0), col_weight=cw)
+
     def heavy_err(q):
         return (q.dequantize() - w)[:, :32].square().sum()
+
     assert heavy_err(weighted) < heavy_err(plain)

@@ -63,8 +63,8 @@ def test_never_worse_than_max_abs_on_its_objective(solver, p, bits):
 
 
 @pytest.mark.parametrize("p", [2.0, 2.4, 3.0])
-@pytest.mark.parametrize("bits", [3, 4])
-@pytest.mark.parametrize("cols", [64, 576])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("cols", [64, 576, 4096])
 def test_search_is_near_the_dense_reference(p, bits, cols):
     w, keep = oriented(heavy_tailed(48, cols, seed=cols + bits))
     c = torch.ones_like(w)
@@ -73,8 +73,8 @@ def test_search_is_near_the_dense_reference(p, bits, cols):
     ours = obj.loss(w, c, Search(objective=obj).solve(w, c, s0, grid), grid)
     ref = dense_reference(w, c, s0, grid, obj)
     gap = (ours - ref) / ref
-    assert gap.max() < 0.01, f"worst row {gap.max():.4f} above the dense reference"
-    assert gap.mean() < 0.002
+    assert gap.max() < 0.005, f"worst row {gap.max():.4f} above the dense reference"
+    assert gap.mean() < 0.0005
 
 
 def test_search_beats_paper_adam_on_squared_error():

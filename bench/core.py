@@ -1,0 +1,177 @@
+"""Core benchmark: one weight matrix at a time, every method side by side.
+
+For each matrix and method: bits per weight (codes, scales, zero points, outliers and their
+indices), relative reconstruction error ||W - Q[W]|| / ||W||, outlier fraction, time and
+weights per second. Matrices: nn.Linear weights of SmolLM2-135M-Instruct (real weights, but
+stored as GGUF Q4_1, i.e. 4-bit quantized once already) and 7B-shaped Student-t matrices.
+
+    python bench/core.py [--quick] [--device cpu|cuda] [--json bench/results/core.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from easyquant import QuantConfig, quantize_weight
+from easyquant.peers import hqq_quantize
+
+Method = Callable[[torch.Tensor], tuple[torch.Tensor, float, float]]
+
+
+def ours(**kw) -> Method:
+    cfg = QuantConfig(**kw)
+
+    def run(w: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        q = quantize_weight(w, cfg)
+        return q.dequantize(), q.bits_per_weight, q.outlier_fraction
+
+    return run
+
+
+def hqq(bits: int, group: int) -> Method:
+    def run(w: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        d, bpw = hqq_quantize(w, bits, group)
+        return d, bpw, 0.0
+
+    return run
+
+
+def methods(bits: int) -> dict[str, Method]:
+    return {
+        "rtn": ours(bits=bits, solver="rtn", n_sigma=None),
+        "rtn-mse (GPTQ grid)": ours(bits=bits, solver="mse", n_sigma=None),
+        "paper (n=3, Adam)": ours(bits=bits, solver="paper"),
+        "search p=2 (n=3)": ours(bits=bits, solver="search", p=2.0),
+        "search p=3 (n=3)": ours(bits=bits, solver="search"),
+        "search p=2 (n=3, g128)": ours(bits=bits, solver="search", p=2.0, group_size=128),
+        "search p=2 (n=3, g64)": ours(bits=bits, solver="search", p=2.0, group_size=64),
+        "search p=2 (n=4, g128)": ours(bits=bits, solver="search", p=2.0, group_size=128, n_sigma=4.0),
+        "hqq g128": hqq(bits, 128),
+        "hqq g64": hqq(bits, 64),
+    }
+
+
+def smollm2_linears(layers: list[int]) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    from easyquant.assets import smollm2_gguf
+
+    path = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    out = {}
+    for name, mod in model.named_modules():
+        parts = name.split(".")
+        if isinstance(mod, torch.nn.Linear) and "layers" in parts and int(parts[parts.index("layers") + 1]) in layers:
+            out[f"smollm2:{name.removeprefix('model.')}"] = mod.weight.detach().clone()
+    return out
+
+
+def minilm_linears() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from easyquant.assets import minilm_dir
+
+    tensors = load_file(minilm_dir() / "model.safetensors")
+    return {f"minilm:{k}": v for k, v in tensors.items() if ".layer." in k and k.endswith(".weight") and v.dim() == 2}
+
+
+def synthetic(shapes: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for rows, cols in shapes:
+        normal = torch.randn(rows, cols, generator=g)
+        chi2 = sum(torch.randn(rows, cols, generator=g).square() for _ in range(4))
+        t = normal / (chi2 / 4).sqrt() * 0.02
+        out[f"student-t(4) {rows}x{cols}"] = t
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="two real layers and one small synthetic matrix")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", type=Path, default=Path("bench/results/core.json"))
+    args = ap.parse_args()
+
+    if args.quick:
+        mats = {**smollm2_linears([0]), **minilm_linears(), **synthetic([(1024, 1024)])}
+    else:
+        mats = {**smollm2_linears([0, 10, 20, 29]), **minilm_linears(), **synthetic([(4096, 4096), (11008, 4096)])}
+    labels = {"smollm2": "SmolLM2 layers 0,10,20,29 (Q4_1 source)", "minilm": "all-MiniLM-L6-v2 (fp32 source)"}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, w in mats.items():
+        key = labels.get(name.split(":")[0], name)
+        groups.setdefault(key, {})[name] = w.to(args.device)
+
+    rows = []
+    for group_name, ws in groups.items():
+        total = sum(w.numel() for w in ws.values())
+        for method, fn in methods(args.bits).items():
+            err2 = ref2 = bits = outl = 0.0
+            seconds = 0.0
+            for w in ws.values():
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                d, bpw, frac = fn(w)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                seconds += time.perf_counter() - t0
+                err2 += (d.float() - w).square().sum().item()
+                ref2 += w.square().sum().item()
+                bits += bpw * w.numel()
+                outl += frac * w.numel()
+            rows.append(
+                {
+                    "matrices": group_name,
+                    "method": method,
+                    "bits_per_weight": bits / total,
+                    "rel_error": (err2 / ref2) ** 0.5,
+                    "outlier_fraction": outl / total,
+                    "seconds": seconds,
+                    "weights_per_second": total / seconds,
+                }
+            )
+            r = rows[-1]
+            print(
+                f"{group_name:42s} {method:24s} {r['bits_per_weight']:6.3f} {r['rel_error']:.5f} "
+                f"{r['outlier_fraction']:.3%} {seconds:8.2f}s",
+                flush=True,
+            )
+
+    meta = {
+        "date": date.today().isoformat(),
+        "machine": platform.platform(),
+        "processor": platform.processor(),
+        "threads": torch.get_num_threads(),
+        "device": args.device,
+        "torch": torch.__version__,
+        "bits": args.bits,
+        "note": "SmolLM2 weights come from a GGUF Q4_1 file: they were 4-bit quantized once (blocks of 32).",
+    }
+    if args.device == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name()
+    print()
+    print(f"{meta['date']}, {meta['machine']}, {meta['threads']} threads, device {args.device}, {args.bits}-bit")
+    print("| matrices | method | bits/weight | rel. error | outliers | time (s) | Mweights/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['matrices']} | {r['method']} | {r['bits_per_weight']:.3f} | {r['rel_error']:.5f} | "
+            f"{r['outlier_fraction']:.3%} | {r['seconds']:.2f} | {r['weights_per_second'] / 1e6:.2f} |"
+        )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

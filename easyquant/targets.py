@@ -1,0 +1,95 @@
+"""Which tensors of a checkpoint to quantize: the nn.Linear weights inside the model's blocks.
+
+The architecture is built from ``config.json`` on the meta device (no memory, no weights),
+so the decision rests on what each tensor really is rather than on its name. A Linear is
+"inside the blocks" when it lives under an ``nn.ModuleList`` (``layers``, ``h``,
+``encoder.layer``, ...); embeddings, norms and ``lm_head`` stay as they are unless
+``include`` names them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import EasyQuantError
+from .source import Source
+
+
+@dataclass(frozen=True)
+class Target:
+    module: str  # module name, as the checkpoint's keys spell it
+    in_features: int
+    out_features: int
+    has_bias: bool
+
+    @property
+    def weight_key(self) -> str:
+        return f"{self.module}.weight"
+
+
+def build_meta_model(source: Source) -> nn.Module:
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.folder)
+    except (ValueError, KeyError) as e:
+        raise EasyQuantError(
+            f"{source.folder / 'config.json'}: transformers {transformers.__version__} does not know this model "
+            f"(model_type {source.config.get('model_type')!r}): {e}"
+        ) from None
+    classes = [getattr(transformers, a, None) for a in (config.architectures or [])]
+    classes = [c for c in classes if c is not None] + [transformers.AutoModelForCausalLM, transformers.AutoModel]
+    errors = []
+    for cls in classes:
+        try:
+            with torch.device("meta"):
+                return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+        except (ValueError, KeyError, TypeError) as e:
+            errors.append(f"{cls.__name__}: {e}")
+    raise EasyQuantError(f"{source.folder}: cannot build the model from config.json ({'; '.join(errors)})")
+
+
+def _regex_match(pattern: str, name: str) -> bool:
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:  # a glob such as "*.down_proj" is no regular expression
+        return False
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or _regex_match(p, name) for p in patterns)
+
+
+def find_targets(source: Source, skip: tuple[str, ...] = (), include: tuple[str, ...] = ()) -> list[Target]:
+    """Linear layers to quantize, sorted by name. ``skip`` and ``include`` are globs or
+    regular expressions over module names (``*.mlp.down_proj``, ``lm_head``)."""
+    model = build_meta_model(source)
+    prefix = getattr(model, "base_model_prefix", "")
+    lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    targets = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        in_blocks = any(name.startswith(f"{ls}.") for ls in lists)
+        if not (in_blocks or _matches(name, include)) or _matches(name, skip):
+            continue
+        key = name
+        if f"{key}.weight" not in source.tensors and prefix and key.startswith(f"{prefix}."):
+            key = key.removeprefix(f"{prefix}.")
+        ref = source.tensors.get(f"{key}.weight")
+        if ref is None:
+            continue  # tied or absent in this checkpoint
+        if ref.shape != (mod.out_features, mod.in_features):
+            raise EasyQuantError(
+                f"{ref.file}: tensor {ref.key} has shape {ref.shape}, expected {(mod.out_features, mod.in_features)}"
+            )
+        targets.append(Target(key, mod.in_features, mod.out_features, mod.bias is not None))
+    if not targets:
+        raise EasyQuantError(f"{source.folder}: found no linear layers to quantize (skip={list(skip)})")
+    return sorted(targets, key=lambda t: t.weight_key)

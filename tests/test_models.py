@@ -1,0 +1,285 @@
+"""Whole models: tiny random models built from transformers configs, quantized, saved,
+loaded back with from_pretrained, and compared with the same model dequantized in memory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import easyquant  # noqa: F401  (registers the loader)
+from easyquant import EasyQuantError, QuantConfig, quantize_weight
+from easyquant.nn import EasyQuantLinear
+from easyquant.pipeline import Options, quantize_model
+
+COMMON = {"vocab_size": 128, "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 64}
+CONFIGS = {
+    "llama": transformers.LlamaConfig(**COMMON, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2),
+    "qwen2": transformers.Qwen2Config(**COMMON, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2),
+    "mistral": transformers.MistralConfig(**COMMON, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2),
+    "gemma": transformers.GemmaConfig(
+        **COMMON, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2, head_dim=16
+    ),
+    "opt": transformers.OPTConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_dim=96,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+        word_embed_proj_dim=64,
+    ),
+    "bloom": transformers.BloomConfig(vocab_size=128, hidden_size=64, n_head=4, n_layer=2),
+}
+
+
+def tiny_model(kind: str, folder, seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[kind]).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def dequantized_copy(model, folder_out, config: QuantConfig):
+    """The reference: the same model with each quantized weight replaced by dequantize()."""
+    modules = json.loads((folder_out / "config.json").read_text())["quantization_config"]["modules"]
+    ref = type(model)(model.config).eval()
+    ref.load_state_dict(model.state_dict())
+    for name in modules:
+        lin = ref.get_submodule(name)
+        lin.weight.data = quantize_weight(lin.weight.data, config, name=name).dequantize()
+    return ref
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_quantize_save_load_generate(kind, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    model = tiny_model(kind, src)
+    cfg = QuantConfig(bits=4, group_size=32)
+    summary = quantize_model(src, out, cfg, progress=False)
+    assert summary.layers and 4 < summary.bits_per_weight < 5.5
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (
+        qc["quant_method"] == "easyquant" and qc["bits"] == 4 and qc["group_size"] == 32 and qc["format_version"] == 1
+    )
+    assert "lm_head" not in qc["modules"]
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    quantized = [m for m in loaded.modules() if isinstance(m, EasyQuantLinear)]
+    assert len(quantized) == len(qc["modules"]) == len(summary.layers)
+    assert not any(isinstance(m, torch.nn.Linear) and n in qc["modules"] for n, m in loaded.named_modules())
+
+    ref = dequantized_copy(model, out, cfg)
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, ref(x).logits, rtol=1e-4, atol=1e-4)
+        # and it is a real quantization: the logits moved
+        assert not torch.allclose(model(x).logits, ref(x).logits, atol=1e-4)
+    y = loaded.generate(x[:1, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert y.shape == (1, 9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_linear_any_shape_and_dtype(dtype):
+    w = torch.randn(24, 40) * 0.05
+    qw = quantize_weight(w.to(dtype), QuantConfig(group_size=16))
+    bias = torch.randn(24)
+    mod = EasyQuantLinear.from_quantized(qw, bias)
+    for shape in [(40,), (3, 40), (2, 5, 40)]:
+        x = torch.randn(*shape).to(dtype)
+        y = mod(x)
+        assert y.shape == (*shape[:-1], 24) and y.dtype == dtype
+        expect = torch.nn.functional.linear(x.float(), qw.dequantize(torch.float32), bias)
+        torch.testing.assert_close(y.float(), expect, rtol=2e-2, atol=2e-2)
+
+
+def test_encoder_checkpoint(tmp_path):
+    from easyquant.assets import minilm_dir
+
+    out = tmp_path / "q"
+    summary = quantize_model(minilm_dir(), out, QuantConfig(bits=4, group_size=64), progress=False)
+    assert len(summary.layers) == 36  # 6 blocks x (q, k, v, attn out, intermediate, output)
+    enc = transformers.AutoModel.from_pretrained(out).eval()
+    ref = transformers.AutoModel.from_pretrained(minilm_dir()).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    x = tok(["Stocks fell in Sydney.", "The bushfires spread overnight."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a, b = enc(**x).last_hidden_state.mean(1), ref(**x).last_hidden_state.mean(1)
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.95
+
+
+def _checkpoint_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_parallel_and_sharded_output_is_identical(tmp_path):
+    src = tmp_path / "src"
+    tiny_model("llama", src)
+    quantize_model(src, tmp_path / "a", progress=False)
+    quantize_model(src, tmp_path / "b", workers=2, progress=False)
+    assert _checkpoint_bytes(tmp_path / "a") == _checkpoint_bytes(tmp_path / "b")
+    quantize_model(src, tmp_path / "c", options=Options(max_shard_bytes=20_000), progress=False)
+    assert len(list((tmp_path / "c").glob("model-*-of-*.safetensors"))) > 1
+    assert (tmp_path / "c" / "model.safetensors.index.json").is_file()
+    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    c = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    x = torch.randint(0, 128, (1, 8))
+    torch.testing.assert_close(a(x).logits, c(x).logits)
+
+
+def test_skip_and_include(tmp_path):
+    src = tmp_path / "src"
+    tiny_model("llama", src)
+    s = quantize_model(
+        src, tmp_path / "o", options=Options(skip=("*.mlp.down_proj",), include=("lm_head",)), progress=False
+    )
+    names = {r["module"] for r in s.layers}
+    assert "lm_head" in names and not any(n.endswith("down_proj") for n in names)
+
+
+def test_sharded_source(tmp_path):
+    src = tmp_path / "src"
+    model = tiny_model("qwen2", src)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="50KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    quantize_model(src, tmp_path / "a", progress=False)
+    quantize_model(sharded, tmp_path / "b", progress=False)
+    assert (
+        load_file(tmp_path / "a" / "model.safetensors").keys() == load_file(tmp_path / "b" / "model.safetensors").keys()
+    )
+
+
+def test_resume_after_interruption_gives_identical_checkpoint(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "src"
+    tiny_model("llama", src)
+    quantize_model(src, tmp_path / "clean", progress=False)
+    out = tmp_path / "resumed"
+    code = (
+        "import sys, easyquant.pipeline as p, time\n"
+        "orig = p.quantize_unit\n"
+        "def slow(*a, **k):\n    r = orig(*a, **k); time.sleep(0.3); return r\n"
+        "p.quantize_unit = slow\n"
+        f"p.quantize_model({str(src)!r}, {str(out)!r}, progress=False)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    layers = out / ".easyquant-work" / "layers"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(layers.glob("*.safetensors"))) < 3:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    done = len(list(layers.glob("*.safetensors")))
+    assert 3 <= done < 14, "the run should have been killed part-way"
+    assert not (out / "config.json").exists()
+    quantize_model(src, out, progress=False)
+    assert _checkpoint_bytes(tmp_path / "clean") == _checkpoint_bytes(out)
+    assert not (out / ".easyquant-work").exists()
+
+
+# ---- bad input ----
+
+
+def test_refuses_nonempty_output(tmp_path):
+    src = tmp_path / "src"
+    tiny_model("llama", src)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(EasyQuantError, match="already holds files.*--overwrite"):
+        quantize_model(src, tmp_path / "out", progress=False)
+    quantize_model(src, tmp_path / "out", overwrite=True, progress=False)
+    assert not (tmp_path / "out" / "notes.txt").exists()
+
+
+def test_refuses_resume_with_other_settings(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    tiny_model("llama", src)
+    (out / ".easyquant-work").mkdir(parents=True)
+    (out / ".easyquant-work" / "settings.json").write_text("{}")
+    with pytest.raises(EasyQuantError, match="unfinished run with other settings"):
+        quantize_model(src, out, progress=False)
+
+
+def test_index_naming_absent_shard(tmp_path):
+    src = tmp_path / "src"
+    tiny_model("qwen2", src)
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00009.safetensors"}}))
+    with pytest.raises(EasyQuantError, match="names shards that are not in.*model-00009"):
+        quantize_model(src, tmp_path / "o", progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header"])
+def test_damaged_shard(tmp_path, damage):
+    src = tmp_path / "src"
+    tiny_model("llama", src)
+    f = src / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:-1000] if damage == "truncate" else data[:8] + b"{not json" + data[17:])
+    with pytest.raises(EasyQuantError, match=r"model\.safetensors: corrupt or truncated"):
+        quantize_model(src, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o" / "config.json").exists()
+
+
+def test_pickle_only_checkpoint(tmp_path):
+    src = tmp_path / "src"
+    model = tiny_model("llama", src)
+    (src / "model.safetensors").unlink()
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    with pytest.raises(EasyQuantError, match="pickle.*--allow-pickle"):
+        quantize_model(src, tmp_path / "o", progress=False)
+    s = quantize_model(src, tmp_path / "o", overwrite=True, allow_pickle=True, progress=False)
+    assert len(s.layers) == 14
+
+
+def test_unknown_model_type(tmp_path):
+    src = tmp_path / "src"
+    tiny_model("llama", src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "llamazing"
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EasyQuantError, match="does not know this model.*llamazing"):
+        quantize_model(src, tmp_path / "o", progress=False)
+
+
+def test_unsupported_weight_dtype(tmp_path):
+    src = tmp_path / "src"
+    tiny_model("llama", src)
+    state = load_file(src / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    state[key] = (state[key] * 100).to(torch.int8)
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(EasyQuantError, match=rf"{key}: dtype torch.int8 is not a floating-point"):
+        quantize_model(src, tmp_path / "o", progress=False)
+
+
+def test_missing_source(tmp_path):
+    with pytest.raises(EasyQuantError, match="does not exist"):
+        quantize_model(tmp_path / "nope", tmp_path / "o", progress=False)
+
+
+def test_disk_full_leaves_no_complete_looking_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    tiny_model("llama", src)
+    # A file-size limit makes big writes fail like a full disk does (EFBIG instead of ENOSPC).
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))\n"
+        "from easyquant.cli import main\n"
+        f"sys.exit(main(['quantize', {str(src)!r}, {str(out)!r}]))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "could not write the checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "config.json").exists()
+    assert not list(out.glob("*.safetensors"))
