@@ -31,3 +31,8 @@ def minilm_dir() -> Path:
 def news_text() -> Path:
     """Lee's background corpus: Australian news prose, one article a line (gensim's test data)."""
     return _package_dir("gensim", "gensim") / "test" / "test_data" / "lee_background.cor"
+
+
+def calibration_text() -> Path:
+    """Lee's 50-document news corpus: kept apart from the evaluation text, for GPTQ's calibration."""
+    return _package_dir("gensim", "gensim") / "test" / "test_data" / "lee.cor"

@@ -1,4 +1,4 @@
-"""The ``easyquant`` command: ``quantize`` a checkpoint, or run the built-in ``demo``."""
+"""The ``easyquant`` command: ``quantize`` a checkpoint, ``compare`` methods, or run the built-in ``demo``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from .compare import DEFAULT_METHODS
 from .errors import EasyQuantError
 from .pipeline import Options, quantize_model
 from .quantize import QuantConfig
@@ -49,6 +50,45 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     print(f"{summary.line()} in {time.perf_counter() - t0:.1f} s")
 
 
+def cmd_compare(a: argparse.Namespace) -> None:
+    import datetime
+    import platform
+
+    import torch
+
+    from . import assets
+    from .compare import compare, markdown, write_results
+    from .evaluate import read_text, token_windows
+    from .models import load_causal_lm
+
+    model_path = Path(a.model) if a.model else assets.smollm2_gguf()
+    text, calib_text = a.text or assets.news_text(), a.calib or assets.calibration_text()
+    model, tok = load_causal_lm(model_path)
+    windows = token_windows(tok, read_text(text), a.window, a.max_windows)
+    calib = token_windows(tok, read_text(calib_text), a.window, a.calib_windows)
+    methods = a.methods.split(",") if a.methods else list(DEFAULT_METHODS)
+    bits = [int(b) for b in a.bits.split(",")]
+    note = " (weights from GGUF Q4_1: 4-bit quantized once already)" if model_path.suffix == ".gguf" else ""
+    title = (
+        f"{model_path.name}{note}; eval {Path(text).name}: {len(windows)} windows of {a.window} tokens; "
+        f"GPTQ calibration {Path(calib_text).name}: {len(calib)} windows"
+    )
+    print(title)
+    fp, rows = compare(model, windows, calib, methods, bits, on_row=lambda r: print(r, flush=True))
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "machine": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "model": str(model_path),
+        "text": str(text),
+        "calibration": str(calib_text),
+        "window": a.window,
+    }
+    write_results(a.out, fp, rows, meta, title)
+    print(markdown(fp, rows))
+    print(f"wrote {a.out / 'compare.md'}, compare.json and compare.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="easyquant", description="Data-free low-bit quantization of LLM weights (EasyQuant)."
@@ -71,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     q.add_argument("--workers", type=int, default=1, help="parallel worker processes (CUDA: one per GPU)")
     q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    q.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "ray"],
+        help="local processes, or tasks on a Ray cluster (RAY_ADDRESS; needs the ray extra)",
+    )
     q.add_argument("--overwrite", action="store_true", help="replace whatever OUT holds")
     q.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (with weights_only=True)")
     q.set_defaults(fn=cmd_quantize)
@@ -81,6 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--max-windows", type=int, default=40)
     _add_quant_args(d)
     d.set_defaults(fn=lambda a: __import__("easyquant.demo", fromlist=["run"]).run(a, _config(a)))
+
+    c = sub.add_parser("compare", help="every method on the same model and text: one table, JSON and a plot")
+    c.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the offline SmolLM2-135M)")
+    c.add_argument("--methods", default=None, help="comma-separated (default: " + ",".join(DEFAULT_METHODS) + ")")
+    c.add_argument("--bits", default="4,3", help="comma-separated bit widths (default 4,3)")
+    c.add_argument("--text", type=Path, default=None, help="evaluation text (default: offline news prose)")
+    c.add_argument("--calib", type=Path, default=None, help="calibration text for GPTQ (default: a separate news text)")
+    c.add_argument("--window", type=int, default=512)
+    c.add_argument("--max-windows", type=int, default=40)
+    c.add_argument("--calib-windows", type=int, default=16)
+    c.add_argument("--out", type=Path, default=Path("runs/compare"))
+    c.set_defaults(fn=cmd_compare)
 
     a = ap.parse_args(argv)
     try:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from .assets import news_text, smollm2_gguf
 from .evaluate import perplexity, read_text, token_windows
+from .models import load_causal_lm
 from .pipeline import quantize_model
 from .quantize import QuantConfig
 
@@ -28,22 +27,17 @@ def _generate(model, tok) -> str:
 
 
 def run(a: argparse.Namespace, config: QuantConfig) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import easyquant  # noqa: F401  (registers the loader)
-
     gguf = smollm2_gguf()
     t0 = time.perf_counter()
     summary = quantize_model(gguf, a.out, config, overwrite=True)
     seconds = time.perf_counter() - t0
     print(f"quantized: {summary.line()} in {seconds:.1f} s")
 
-    tok = AutoTokenizer.from_pretrained(a.out)
-    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    quant = AutoModelForCausalLM.from_pretrained(a.out).eval()
+    ref, tok = load_causal_lm(gguf)
+    quant, _ = load_causal_lm(a.out)
     windows = token_windows(tok, read_text(news_text()), a.window, a.max_windows)
-    ppl_ref = perplexity(ref, windows, "perplexity (reference)")
-    ppl_q = perplexity(quant, windows, "perplexity (easyquant)")
+    ppl_ref = perplexity(ref, windows)
+    ppl_q = perplexity(quant, windows)
     bits = f"{config.bits}-bit, {'per channel' if config.group_size is None else f'groups of {config.group_size}'}"
     print()
     print(

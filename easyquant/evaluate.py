@@ -1,16 +1,25 @@
-"""Quality of a causal LM on a text: perplexity over non-overlapping windows (GPTQ protocol).
+"""Quality of a causal LM against a text and against a reference model.
 
-The text is tokenized once and cut into consecutive windows of ``window`` tokens (the last
-partial window is dropped); perplexity is exp of the mean next-token loss over all of them.
+Protocol (GPTQ's): the text is tokenized once and cut into consecutive, non-overlapping
+windows of ``window`` tokens (the last partial window is dropped). Perplexity is exp of the
+mean next-token loss over every position of every window. Against a reference model on the
+same windows: KL(reference || model) of the next-token distributions per position (mean and
+99th percentile) and top-1 agreement (the two argmaxes equal), which are far less noisy than
+perplexity on a small corpus.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+
+def read_text(path: str | Path) -> str:
+    return Path(path).read_text(encoding="utf-8", errors="replace")
 
 
 def token_windows(tokenizer, text: str, window: int, max_windows: int | None = None) -> torch.Tensor:
@@ -22,19 +31,59 @@ def token_windows(tokenizer, text: str, window: int, max_windows: int | None = N
     return ids[: n * window].reshape(n, window)
 
 
-@torch.inference_mode()
-def perplexity(model, windows: torch.Tensor, desc: str = "perplexity", batch: int = 4) -> float:
-    total, count = 0.0, 0
+def _batches(windows: torch.Tensor, batch: int, desc: str):
     for i in tqdm(range(0, len(windows), batch), desc=desc, unit="batch", leave=False):
-        x = windows[i : i + batch].to(model.device)
-        logits = model(x).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += loss.item()
-        count += x[:, 1:].numel()
-    return math.exp(total / count)
+        yield windows[i : i + batch]
 
 
-def read_text(path: str | Path) -> str:
-    return Path(path).read_text(encoding="utf-8", errors="replace")
+@torch.inference_mode()
+def _logprobs(model, x: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(model(x.to(model.device)).logits[:, :-1].float(), dim=-1).cpu()
+
+
+@dataclass
+class Reference:
+    """The reference model's next-token log-probabilities on the windows (kept in bf16 to
+    bound memory) and its top-1 tokens (taken before that rounding, so ties stay exact)."""
+
+    windows: torch.Tensor
+    logprobs: list[torch.Tensor]
+    top1: list[torch.Tensor]
+    batch: int
+
+    @classmethod
+    def of(cls, model, windows: torch.Tensor, batch: int = 4) -> Reference:
+        lps = [_logprobs(model, x) for x in _batches(windows, batch, "reference")]
+        return cls(windows, [lp.bfloat16() for lp in lps], [lp.argmax(-1) for lp in lps], batch)
+
+
+@dataclass(frozen=True)
+class Quality:
+    perplexity: float
+    kl_mean: float | None = None
+    kl_p99: float | None = None
+    top1: float | None = None
+
+
+def perplexity(model, windows: torch.Tensor, batch: int = 4) -> float:
+    return evaluate(model, windows, batch=batch).perplexity
+
+
+def evaluate(model, windows: torch.Tensor, reference: Reference | None = None, batch: int = 4) -> Quality:
+    nll, kls, agree, count = 0.0, [], 0, 0
+    if reference is not None:
+        assert torch.equal(reference.windows, windows), "the reference was computed on other windows"
+        batch = reference.batch
+    for i, x in enumerate(_batches(windows, batch, "evaluating")):
+        lp = _logprobs(model, x)
+        target = x[:, 1:]
+        nll -= lp.gather(-1, target.unsqueeze(-1)).sum().item()
+        count += target.numel()
+        if reference is not None:
+            ref = reference.logprobs[i].float()
+            kls.append((ref.exp() * (ref - lp)).sum(-1).flatten())
+            agree += (reference.top1[i] == lp.argmax(-1)).sum().item()
+    if reference is None:
+        return Quality(math.exp(nll / count))
+    kl = torch.cat(kls)
+    return Quality(math.exp(nll / count), kl.mean().item(), kl.quantile(0.99).item(), agree / count)

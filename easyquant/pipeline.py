@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,6 +101,8 @@ def _unit_path(work: Path, target: Target) -> Path:
     return work / "layers" / f"{target.module}.safetensors"
 
 
+Unit = tuple[TensorRef, Target, Path]
+EXECUTORS = ("local", "ray")
 _worker_device: str = "cpu"
 
 
@@ -150,36 +153,48 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool) -> Path:
     return work
 
 
-def _run_units(
-    todo: list[tuple[TensorRef, Target, Path]], config: QuantConfig, workers: int, device: str, progress: bool
-) -> None:
-    total = sum(t.in_features * t.out_features for _, t, _ in todo)
-    bar = tqdm(total=len(todo), unit="tensor", desc="quantizing", disable=not progress or not todo, dynamic_ncols=True)
-    done_weights, t0 = 0, time.perf_counter()
+def _local_results(todo: list[Unit], config: QuantConfig, workers: int, device: str) -> Iterator[dict]:
+    if workers <= 1:
+        for ref, target, path in todo:
+            yield quantize_unit(ref, target, config, path, device)
+        return
+    import multiprocessing as mp
 
-    def tick(row: dict) -> None:
-        nonlocal done_weights
-        done_weights += row["rows"] * row["cols"]
-        rate = done_weights / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix_str(f"{rate / 1e6:.2f} Mweights/s, {done_weights / max(total, 1):.0%} of weights")
-        bar.update()
+    ctx = mp.get_context("spawn")
+    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if device == "cuda" else [device]
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, ctx, _init_worker, (devices, ctx.Value("i", 0), threads)) as pool:
+        futures = [pool.submit(quantize_unit, ref, target, config, path) for ref, target, path in todo]
+        for fut in as_completed(futures):
+            yield fut.result()
 
+
+def _ray_results(todo: list[Unit], config: QuantConfig, device: str) -> Iterator[dict]:
+    """Tensors as Ray tasks: joins the cluster at RAY_ADDRESS (or the one already initialised, or
+    starts a local one). Every node must see the source and OUT at the same paths."""
     try:
-        if workers <= 1:
-            for ref, target, path in todo:
-                tick(quantize_unit(ref, target, config, path, device))
-            return
-        import multiprocessing as mp
+        import ray
+    except ImportError:
+        raise EasyQuantError("--executor ray needs Ray: pip install 'easyquant[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    task = ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0)(quantize_unit)
+    pending = [task.remote(ref, target, config, path, device) for ref, target, path in todo]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
 
-        ctx = mp.get_context("spawn")
-        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if device == "cuda" else [device]
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(workers, ctx, _init_worker, (devices, ctx.Value("i", 0), threads)) as pool:
-            futures = [pool.submit(quantize_unit, ref, target, config, path) for ref, target, path in todo]
-            for fut in as_completed(futures):
-                tick(fut.result())
-    finally:
-        bar.close()
+
+def _run_units(todo: list[Unit], config: QuantConfig, workers: int, device: str, executor: str, progress: bool) -> None:
+    total = sum(t.in_features * t.out_features for _, t, _ in todo)
+    done_weights, t0 = 0, time.perf_counter()
+    results = _ray_results(todo, config, device) if executor == "ray" else _local_results(todo, config, workers, device)
+    with tqdm(total=len(todo), unit="tensor", desc="quantizing", disable=not progress or not todo) as bar:
+        for row in results:
+            done_weights += row["rows"] * row["cols"]
+            rate = done_weights / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{rate / 1e6:.2f} Mweights/s, {done_weights / max(total, 1):.0%} of weights")
+            bar.update()
 
 
 def _output_entries(source: Source, targets: list[Target], work: Path) -> list[Entry]:
@@ -246,14 +261,18 @@ def quantize_model(
     *,
     workers: int = 1,
     device: str = "cpu",
+    executor: str = "local",
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
 ) -> Summary:
     """Quantize the checkpoint at ``src`` (folder or .gguf) into the folder ``out``.
 
-    Resumable: run the same call again after an interruption and it continues.
+    Resumable: run the same call again after an interruption and it continues. ``executor``
+    is ``local`` (``workers`` processes; on CUDA one per GPU) or ``ray`` (tasks on a Ray cluster).
     """
+    if executor not in EXECUTORS:
+        raise EasyQuantError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     config, options = config or QuantConfig(), options or Options()
     out = Path(out)
     if device == "cuda" and not torch.cuda.is_available():
@@ -278,7 +297,7 @@ def quantize_model(
         ]
         if device == "cuda":
             workers = workers if workers > 1 else torch.cuda.device_count()
-        _run_units(todo, config, workers, device, progress)
+        _run_units(todo, config, workers, device, executor, progress)
         summary = Summary(out, [_read_row(_unit_path(work, t)) for t in targets])
         summary.source_bytes = sum(r.file.stat().st_size for r in {r.file: r for r in source.tensors.values()}.values())
         summary.output_bytes = _write_shards(out, _output_entries(source, targets, work), options.max_shard_bytes)

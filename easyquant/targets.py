@@ -66,19 +66,28 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or _regex_match(p, name) for p in patterns)
 
 
+def block_linears(
+    model: nn.Module, skip: tuple[str, ...] = (), include: tuple[str, ...] = ()
+) -> list[tuple[str, nn.Linear]]:
+    """The model's Linear modules inside its blocks (plus ``include``, minus ``skip``).
+    ``skip`` and ``include`` are globs or regular expressions over module names
+    (``*.mlp.down_proj``, ``lm_head``)."""
+    lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    return [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear)
+        and (any(name.startswith(f"{ls}.") for ls in lists) or _matches(name, include))
+        and not _matches(name, skip)
+    ]
+
+
 def find_targets(source: Source, skip: tuple[str, ...] = (), include: tuple[str, ...] = ()) -> list[Target]:
-    """Linear layers to quantize, sorted by name. ``skip`` and ``include`` are globs or
-    regular expressions over module names (``*.mlp.down_proj``, ``lm_head``)."""
+    """The checkpoint's tensors for :func:`block_linears`, sorted by name."""
     model = build_meta_model(source)
     prefix = getattr(model, "base_model_prefix", "")
-    lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
     targets = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        in_blocks = any(name.startswith(f"{ls}.") for ls in lists)
-        if not (in_blocks or _matches(name, include)) or _matches(name, skip):
-            continue
+    for name, mod in block_linears(model, skip, include):
         key = name
         if f"{key}.weight" not in source.tensors and prefix and key.startswith(f"{prefix}."):
             key = key.removeprefix(f"{prefix}.")

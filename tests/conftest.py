@@ -1,5 +1,6 @@
 import pytest
 import torch
+import transformers
 
 
 def heavy_tailed(rows: int, cols: int, seed: int = 0, df: float = 4.0, scale: float = 0.02) -> torch.Tensor:
@@ -13,3 +14,31 @@ def heavy_tailed(rows: int, cols: int, seed: int = 0, df: float = 4.0, scale: fl
 @pytest.fixture
 def weight() -> torch.Tensor:
     return heavy_tailed(96, 200, seed=1)
+
+
+COMMON = {"vocab_size": 128, "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 64}
+CONFIGS = {
+    "llama": transformers.LlamaConfig(**COMMON, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2),
+    "qwen2": transformers.Qwen2Config(**COMMON, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2),
+    "mistral": transformers.MistralConfig(**COMMON, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2),
+    "gemma": transformers.GemmaConfig(
+        **COMMON, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2, head_dim=16
+    ),
+    "opt": transformers.OPTConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_dim=96,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+        word_embed_proj_dim=64,
+    ),
+    "bloom": transformers.BloomConfig(vocab_size=128, hidden_size=64, n_head=4, n_layer=2),
+}
+
+
+def tiny_model(kind: str, folder, seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[kind]).eval()
+    model.save_pretrained(folder)
+    return model

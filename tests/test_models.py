@@ -11,36 +11,10 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import easyquant  # noqa: F401  (registers the loader)
+from conftest import CONFIGS, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
 from easyquant.nn import EasyQuantLinear
 from easyquant.pipeline import Options, quantize_model
-
-COMMON = {"vocab_size": 128, "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 64}
-CONFIGS = {
-    "llama": transformers.LlamaConfig(**COMMON, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2),
-    "qwen2": transformers.Qwen2Config(**COMMON, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2),
-    "mistral": transformers.MistralConfig(**COMMON, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2),
-    "gemma": transformers.GemmaConfig(
-        **COMMON, intermediate_size=96, num_hidden_layers=2, num_key_value_heads=2, head_dim=16
-    ),
-    "opt": transformers.OPTConfig(
-        vocab_size=128,
-        hidden_size=64,
-        num_attention_heads=4,
-        ffn_dim=96,
-        num_hidden_layers=2,
-        max_position_embeddings=64,
-        word_embed_proj_dim=64,
-    ),
-    "bloom": transformers.BloomConfig(vocab_size=128, hidden_size=64, n_head=4, n_layer=2),
-}
-
-
-def tiny_model(kind: str, folder, seed: int = 0):
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[kind]).eval()
-    model.save_pretrained(folder)
-    return model
 
 
 def dequantized_copy(model, folder_out, config: QuantConfig):
@@ -283,3 +257,17 @@ def test_disk_full_leaves_no_complete_looking_checkpoint(tmp_path):
     assert "could not write the checkpoint" in r.stderr and "Traceback" not in r.stderr
     assert not (out / "config.json").exists()
     assert not list(out.glob("*.safetensors"))
+
+
+def test_ray_executor_matches_local(tmp_path):
+    import ray
+
+    src = tmp_path / "src"
+    tiny_model("llama", src)
+    quantize_model(src, tmp_path / "local", progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        quantize_model(src, tmp_path / "ray", executor="ray", progress=False)
+    finally:
+        ray.shutdown()
+    assert _checkpoint_bytes(tmp_path / "local") == _checkpoint_bytes(tmp_path / "ray")

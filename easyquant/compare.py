@@ -1,0 +1,170 @@
+"""``easyquant compare``: every method on the same model, windows, tokenizer and text, in one table.
+
+Each method quantizes a fresh copy of the model in memory (each quantized weight replaced by
+what its checkpoint would dequantize to, which the tests show equals loading the checkpoint),
+then is measured against the full-precision model on the same evaluation windows.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .evaluate import Reference, evaluate
+from .gptq import gptq_model
+from .peers import hqq_quantize
+from .quantize import QuantConfig, quantize_weight
+from .targets import block_linears
+
+# A method quantizes the given linears of a model in place (calibration windows for the
+# data-dependent one) and returns the bits per weight over them, all overheads counted.
+Method = Callable[[nn.Module, list[tuple[str, nn.Linear]], int, torch.Tensor], float]
+
+
+def easyquant_method(**kw: object) -> Method:
+    def run(model: nn.Module, linears: list[tuple[str, nn.Linear]], bits: int, calib: torch.Tensor) -> float:
+        cfg = QuantConfig(bits=bits, **kw)
+        total = bits_sum = 0.0
+        for name, lin in linears:
+            qw = quantize_weight(lin.weight.data, cfg, name=name)
+            lin.weight.data = qw.dequantize()
+            bits_sum += qw.bits_per_weight * lin.weight.numel()
+            total += lin.weight.numel()
+        return bits_sum / total
+
+    return run
+
+
+def hqq_method(group_size: int) -> Method:
+    def run(model: nn.Module, linears: list[tuple[str, nn.Linear]], bits: int, calib: torch.Tensor) -> float:
+        total = bits_sum = 0.0
+        for _, lin in linears:
+            lin.weight.data, bpw = hqq_quantize(lin.weight.data, bits, group_size)
+            bits_sum += bpw * lin.weight.numel()
+            total += lin.weight.numel()
+        return bits_sum / total
+
+    return run
+
+
+def gptq_method(group_size: int | None) -> Method:
+    def run(model: nn.Module, linears: list[tuple[str, nn.Linear]], bits: int, calib: torch.Tensor) -> float:
+        gptq_model(model, linears, calib, bits, group_size)
+        # Same storage as RTN: codes, an fp16 scale per row or group (no outliers).
+        n = sum(lin.weight.numel() for _, lin in linears)
+        scales = sum(lin.out_features * -(-lin.in_features // (group_size or lin.in_features)) for _, lin in linears)
+        return bits + 16 * scales / n
+
+    return run
+
+
+METHODS: dict[str, Method] = {
+    "rtn": easyquant_method(solver="rtn", n_sigma=None),
+    "rtn-mse": easyquant_method(solver="mse", n_sigma=None),
+    "hqq-g64": hqq_method(64),
+    "hqq-g128": hqq_method(128),
+    "paper": easyquant_method(solver="paper"),
+    "easyquant": easyquant_method(),
+    "easyquant-p2": easyquant_method(p=2.0),
+    "easyquant-g128": easyquant_method(group_size=128, n_sigma=4.0),
+    "easyquant-g64": easyquant_method(group_size=64, n_sigma=4.0),
+    "gptq": gptq_method(None),
+    "gptq-g128": gptq_method(128),
+}
+DEFAULT_METHODS = ("rtn", "rtn-mse", "hqq-g64", "hqq-g128", "paper", "easyquant", "easyquant-g128", "gptq")
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str
+    bits: int
+    bits_per_weight: float
+    perplexity: float
+    kl_mean: float
+    kl_p99: float
+    top1: float
+    seconds: float
+
+
+def compare(
+    model: nn.Module,
+    windows: torch.Tensor,
+    calib: torch.Tensor,
+    methods: list[str],
+    bits: list[int],
+    on_row: Callable[[Row], None] | None = None,
+) -> tuple[Row, list[Row]]:
+    """The full-precision row and one row per (method, bits)."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    model.eval()
+    reference = Reference.of(model, windows)
+    q = evaluate(model, windows, reference)
+    fp = Row("full precision", 16, 16.0, q.perplexity, q.kl_mean, q.kl_p99, q.top1, 0.0)
+    rows = []
+    for b in bits:
+        for name in tqdm(methods, desc=f"{b}-bit methods", unit="method", leave=False):
+            m = copy.deepcopy(model)
+            linears = block_linears(m)
+            t0 = time.perf_counter()
+            bpw = METHODS[name](m, linears, b, calib)
+            seconds = time.perf_counter() - t0
+            q = evaluate(m, windows, reference)
+            rows.append(Row(name, b, bpw, q.perplexity, q.kl_mean, q.kl_p99, q.top1, seconds))
+            if on_row:
+                on_row(rows[-1])
+            del m
+    return fp, rows
+
+
+def markdown(fp: Row, rows: list[Row]) -> str:
+    lines = [
+        "| method | bits | bits/weight | perplexity | KL mean | KL p99 | top-1 agreement | quantization time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {fp.method} | 16 | - | {fp.perplexity:.3f} | 0 | 0 | 100% | - |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.method} | {r.bits} | {r.bits_per_weight:.3f} | {r.perplexity:.3f} | {r.kl_mean:.4f} | "
+            f"{r.kl_p99:.4f} | {r.top1:.2%} | {r.seconds:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r.method for r in rows):
+        pts = sorted((r.bits_per_weight, r.kl_mean) for r in rows if r.method == name)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+    ax.set_xlabel("bits per weight (all overheads)")
+    ax.set_ylabel("mean KL divergence from full precision")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(out: Path, fp: Row, rows: list[Row], meta: dict, title: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(
+        json.dumps({"meta": meta, "full_precision": asdict(fp), "rows": [asdict(r) for r in rows]}, indent=1)
+    )
+    (out / "compare.md").write_text(f"{title}\n\n{markdown(fp, rows)}\n")
+    plot(rows, out / "compare.png", title)

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from easyquant.compare import compare, markdown, write_results
+from easyquant.evaluate import Reference, evaluate, token_windows
+from easyquant.gptq import gptq_weight
+from easyquant.quantize import QuantConfig, quantize_weight
+
+
+def windows(n=6, length=16, seed=0):
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_model_against_itself(tmp_path):
+    model = tiny_model("llama", tmp_path / "m")
+    w = windows()
+    q = evaluate(model, w, Reference.of(model, w, batch=4))
+    assert abs(q.kl_mean) < 1e-3 and q.top1 == 1.0  # KL only as exact as the bf16 reference
+
+
+def test_kl_and_top1_match_definitions(tmp_path):
+    a = tiny_model("llama", tmp_path / "a", seed=0)
+    b = tiny_model("llama", tmp_path / "b", seed=1)
+    w = windows(n=3)
+    q = evaluate(b, w, Reference.of(a, w, batch=2))
+    with torch.no_grad():
+        pa = torch.log_softmax(a(w).logits[:, :-1].float(), -1)
+        pb = torch.log_softmax(b(w).logits[:, :-1].float(), -1)
+    kl = (pa.exp() * (pa - pb)).sum(-1)
+    nll = -pb.gather(-1, w[:, 1:, None]).mean()
+    assert abs(q.kl_mean - kl.mean().item()) < 0.02 * kl.mean().item()  # reference kept in bf16
+    assert abs(q.perplexity - nll.exp().item()) < 1e-3 * q.perplexity
+    assert q.top1 == pytest.approx((pa.argmax(-1) == pb.argmax(-1)).double().mean().item())
+
+
+def test_token_windows_drop_the_partial_window():
+    class Tok:
+        def __call__(self, text, return_tensors, add_special_tokens):
+            class R:
+                input_ids = torch.arange(len(text.split()))[None]
+
+            return R()
+
+    w = token_windows(Tok(), "a " * 50, 16)
+    assert w.shape == (3, 16) and torch.equal(w.flatten(), torch.arange(48))
+    assert token_windows(Tok(), "a " * 50, 16, max_windows=2).shape == (2, 16)
+
+
+def test_gptq_beats_rtn_on_layer_output():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 96, generator=g) @ torch.randn(96, 96, generator=g)
+    w = torch.randn(48, 96, generator=g) * 0.02
+    h = x.double().T @ x.double()
+
+    def out_err(wq):
+        return (x @ (wq - w).T).square().sum() / (x @ w.T).square().sum()
+
+    for bits, group in [(4, None), (3, 32)]:
+        rtn = quantize_weight(w, QuantConfig(bits=bits, group_size=group, solver="mse", n_sigma=None)).dequantize()
+        assert out_err(gptq_weight(w, h, bits, group)) < 0.8 * out_err(rtn)
+
+
+def test_compare_table(tmp_path):
+    model = tiny_model("qwen2", tmp_path / "m")
+    fp, rows = compare(model, windows(), windows(n=4, seed=1), ["rtn", "easyquant", "hqq-g64", "gptq"], [4, 3])
+    assert [(r.method, r.bits) for r in rows] == [
+        (m, b) for b in (4, 3) for m in ("rtn", "easyquant", "hqq-g64", "gptq")
+    ]
+    assert fp.top1 == 1.0
+    for r in rows:
+        assert r.kl_mean > 0 and 0 < r.top1 <= 1 and r.bits < r.bits_per_weight < r.bits + 1
+    kl = {(r.method, r.bits): r.kl_mean for r in rows}
+    assert kl[("easyquant", 3)] < kl[("rtn", 3)]
+    write_results(tmp_path / "out", fp, rows, {"date": "test"}, "tiny qwen2")
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["rows"][0]["method"] == "rtn"
+    assert (tmp_path / "out" / "compare.png").stat().st_size > 1000
+    assert "| easyquant | 3 |" in markdown(fp, rows)
