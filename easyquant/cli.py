@@ -50,6 +50,76 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     print(f"{summary.line()} in {time.perf_counter() - t0:.1f} s")
 
 
+def _add_eval_args(p: argparse.ArgumentParser, out: Path | None) -> None:
+    p.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the offline SmolLM2-135M)")
+    p.add_argument("--text", type=Path, default=None, help="evaluation text (default: offline news prose)")
+    p.add_argument("--calib", type=Path, default=None, help="calibration text for GPTQ (default: a separate news text)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--max-windows", type=int, default=40)
+    p.add_argument("--calib-windows", type=int, default=16)
+    p.add_argument("--out", type=Path, default=out, help="output folder" + (f" (default {out})" if out else ""))
+
+
+def cmd_study(a: argparse.Namespace) -> None:
+    from . import assets, study
+    from .models import load_causal_lm
+    from .targets import block_linears
+
+    a.out = a.out or Path(f"runs/study-{a.question}")
+    if a.question == "encoder":
+        cmd_encoder(a)
+        return
+    if a.question in ("nsigma", "ablation"):
+        a.methods = ",".join(study.NSIGMA_METHODS if a.question == "nsigma" else study.ABLATION_METHODS)
+        cmd_compare(a)
+        return
+    model_path = Path(a.model) if a.model else assets.smollm2_gguf()
+    model, _ = load_causal_lm(model_path)
+    linears = block_linears(model)
+    note = " (weights from GGUF Q4_1: 4-bit quantized once already)" if model_path.suffix == ".gguf" else ""
+    if a.question == "outliers":
+        title = f"{model_path.name}{note}: outliers at n-sigma {a.n_sigma:g} (per tensor)"
+        print(title)
+        print(study.outliers_report(linears, a.n_sigma, a.out, title))
+    else:
+        names = dict(linears)
+        layer = a.layer or next(n for n in names if n.endswith("down_proj") or n.endswith("fc2"))
+        if layer not in names:
+            raise EasyQuantError(f"no quantizable linear layer named {layer!r} in {model_path}")
+        bits = int(a.bits.split(",")[0])
+        title = f"{model_path.name}{note}: {layer}, {bits}-bit, per channel, no outliers"
+        print(title)
+        print(study.range_report(names[layer].weight.data, bits, a.lr, a.steps, a.out, title))
+    print(f"wrote {a.out}")
+
+
+def cmd_encoder(a: argparse.Namespace) -> None:
+    import json
+    from dataclasses import asdict
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from . import assets
+    from .encoder_eval import encoder_compare, encoder_markdown, sentences
+    from .evaluate import read_text, token_windows
+
+    folder = Path(a.model) if a.model else assets.minilm_dir()
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder)
+    sents = sentences(read_text(a.text or assets.news_text()))
+    batch = tok(sents, return_tensors="pt", padding=True, truncation=True, max_length=128)
+    calib = token_windows(tok, read_text(a.calib or assets.calibration_text()), 128, a.calib_windows)
+    methods = a.methods.split(",") if a.methods else list(DEFAULT_METHODS)
+    rows = encoder_compare(model, batch, calib, methods, [int(b) for b in a.bits.split(",")])
+    title = f"{folder.name} (fp32, never quantized): {len(sents)} sentences of the news text"
+    table = encoder_markdown(rows)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "encoder.md").write_text(f"{title}\n\n{table}\n")
+    (a.out / "encoder.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    print(title)
+    print(table)
+
+
 def cmd_compare(a: argparse.Namespace) -> None:
     import datetime
     import platform
@@ -129,16 +199,21 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(fn=lambda a: __import__("easyquant.demo", fromlist=["run"]).run(a, _config(a)))
 
     c = sub.add_parser("compare", help="every method on the same model and text: one table, JSON and a plot")
-    c.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the offline SmolLM2-135M)")
+    _add_eval_args(c, Path("runs/compare"))
     c.add_argument("--methods", default=None, help="comma-separated (default: " + ",".join(DEFAULT_METHODS) + ")")
     c.add_argument("--bits", default="4,3", help="comma-separated bit widths (default 4,3)")
-    c.add_argument("--text", type=Path, default=None, help="evaluation text (default: offline news prose)")
-    c.add_argument("--calib", type=Path, default=None, help="calibration text for GPTQ (default: a separate news text)")
-    c.add_argument("--window", type=int, default=512)
-    c.add_argument("--max-windows", type=int, default=40)
-    c.add_argument("--calib-windows", type=int, default=16)
-    c.add_argument("--out", type=Path, default=Path("runs/compare"))
     c.set_defaults(fn=cmd_compare)
+
+    st = sub.add_parser("study", help="the paper's questions (nsigma, ablation, outliers, range) and the encoder check")
+    st.add_argument("question", choices=["nsigma", "ablation", "outliers", "range", "encoder"])
+    _add_eval_args(st, None)
+    st.add_argument("--bits", default="4", help="comma-separated bit widths (default 4)")
+    st.add_argument("--n-sigma", type=float, default=3.0, help="outliers: the threshold (default 3)")
+    st.add_argument("--layer", default=None, help="range: the module (default: the first block's down projection)")
+    st.add_argument("--lr", type=float, default=1e-3, help="range: Adam's learning rate (default 1e-3)")
+    st.add_argument("--steps", type=int, default=500, help="range: Adam steps (default 500)")
+    st.add_argument("--methods", default=None, help="encoder: comma-separated methods (default: as compare)")
+    st.set_defaults(fn=cmd_study)
 
     a = ap.parse_args(argv)
     try:

@@ -25,43 +25,45 @@ from .quantize import QuantConfig, quantize_weight
 from .targets import block_linears
 
 # A method quantizes the given linears of a model in place (calibration windows for the
-# data-dependent one) and returns the bits per weight over them, all overheads counted.
-Method = Callable[[nn.Module, list[tuple[str, nn.Linear]], int, torch.Tensor], float]
+# data-dependent one) and returns (bits per weight, outlier fraction) over them, all overheads counted.
+Linears = list[tuple[str, nn.Linear]]
+Method = Callable[[nn.Module, Linears, int, torch.Tensor], tuple[float, float]]
+
+
+def _per_layer(fn: Callable[[str, torch.Tensor, int], tuple[torch.Tensor, float, int]]) -> Method:
+    """A method that quantizes each weight on its own: ``fn(name, w, bits) -> (w_hat, bpw, outliers)``."""
+
+    def run(model: nn.Module, linears: Linears, bits: int, calib: torch.Tensor) -> tuple[float, float]:
+        total = bits_sum = outliers = 0.0
+        for name, lin in linears:
+            lin.weight.data, bpw, n_out = fn(name, lin.weight.data, bits)
+            bits_sum += bpw * lin.weight.numel()
+            outliers += n_out
+            total += lin.weight.numel()
+        return bits_sum / total, outliers / total
+
+    return run
 
 
 def easyquant_method(**kw: object) -> Method:
-    def run(model: nn.Module, linears: list[tuple[str, nn.Linear]], bits: int, calib: torch.Tensor) -> float:
-        cfg = QuantConfig(bits=bits, **kw)
-        total = bits_sum = 0.0
-        for name, lin in linears:
-            qw = quantize_weight(lin.weight.data, cfg, name=name)
-            lin.weight.data = qw.dequantize()
-            bits_sum += qw.bits_per_weight * lin.weight.numel()
-            total += lin.weight.numel()
-        return bits_sum / total
+    def one(name: str, w: torch.Tensor, bits: int) -> tuple[torch.Tensor, float, int]:
+        qw = quantize_weight(w, QuantConfig(bits=bits, **kw), name=name)
+        return qw.dequantize(), qw.bits_per_weight, qw.outlier_count
 
-    return run
+    return _per_layer(one)
 
 
 def hqq_method(group_size: int) -> Method:
-    def run(model: nn.Module, linears: list[tuple[str, nn.Linear]], bits: int, calib: torch.Tensor) -> float:
-        total = bits_sum = 0.0
-        for _, lin in linears:
-            lin.weight.data, bpw = hqq_quantize(lin.weight.data, bits, group_size)
-            bits_sum += bpw * lin.weight.numel()
-            total += lin.weight.numel()
-        return bits_sum / total
-
-    return run
+    return _per_layer(lambda name, w, bits: (*hqq_quantize(w, bits, group_size), 0))
 
 
 def gptq_method(group_size: int | None) -> Method:
-    def run(model: nn.Module, linears: list[tuple[str, nn.Linear]], bits: int, calib: torch.Tensor) -> float:
+    def run(model: nn.Module, linears: Linears, bits: int, calib: torch.Tensor) -> tuple[float, float]:
         gptq_model(model, linears, calib, bits, group_size)
         # Same storage as RTN: codes, an fp16 scale per row or group (no outliers).
         n = sum(lin.weight.numel() for _, lin in linears)
         scales = sum(lin.out_features * -(-lin.in_features // (group_size or lin.in_features)) for _, lin in linears)
-        return bits + 16 * scales / n
+        return bits + 16 * scales / n, 0.0
 
     return run
 
@@ -73,7 +75,6 @@ METHODS: dict[str, Method] = {
     "hqq-g128": hqq_method(128),
     "paper": easyquant_method(solver="paper"),
     "easyquant": easyquant_method(),
-    "easyquant-p2": easyquant_method(p=2.0),
     "easyquant-g128": easyquant_method(group_size=128, n_sigma=4.0),
     "easyquant-g64": easyquant_method(group_size=64, n_sigma=4.0),
     "gptq": gptq_method(None),
@@ -82,11 +83,40 @@ METHODS: dict[str, Method] = {
 DEFAULT_METHODS = ("rtn", "rtn-mse", "hqq-g64", "hqq-g128", "paper", "easyquant", "easyquant-g128", "gptq")
 
 
+def _value(text: str) -> object:
+    if text.lower() == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def resolve(name: str) -> Method:
+    """A method by name, or ``easyquant:key=value/key=value`` with any :class:`QuantConfig`
+    field (``easyquant:n_sigma=none/solver=search``), which is how the studies sweep settings."""
+    if name in METHODS:
+        return METHODS[name]
+    head, _, spec = name.partition(":")
+    if head == "easyquant" and spec:
+        try:
+            kw = dict(item.split("=", 1) for item in spec.split("/"))
+            QuantConfig(**{k: _value(v) for k, v in kw.items()})
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"method {name!r}: {e}") from None
+        return easyquant_method(**{k: _value(v) for k, v in kw.items()})
+    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or easyquant:key=value/...")
+
+
 @dataclass(frozen=True)
 class Row:
     method: str
     bits: int
     bits_per_weight: float
+    outlier_fraction: float
+    rel_error: float  # ||W - Q[W]|| / ||W|| over all quantized linears
     perplexity: float
     kl_mean: float
     kl_p99: float
@@ -103,23 +133,27 @@ def compare(
     on_row: Callable[[Row], None] | None = None,
 ) -> tuple[Row, list[Row]]:
     """The full-precision row and one row per (method, bits)."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    runs = {name: resolve(name) for name in methods}
     model.eval()
+    originals = [lin.weight.data.float() for _, lin in block_linears(model)]
     reference = Reference.of(model, windows)
     q = evaluate(model, windows, reference)
-    fp = Row("full precision", 16, 16.0, q.perplexity, q.kl_mean, q.kl_p99, q.top1, 0.0)
+    fp = Row("full precision", 16, 16.0, 0.0, 0.0, q.perplexity, q.kl_mean, q.kl_p99, q.top1, 0.0)
     rows = []
     for b in bits:
         for name in tqdm(methods, desc=f"{b}-bit methods", unit="method", leave=False):
             m = copy.deepcopy(model)
             linears = block_linears(m)
             t0 = time.perf_counter()
-            bpw = METHODS[name](m, linears, b, calib)
+            bpw, outliers = runs[name](m, linears, b, calib)
             seconds = time.perf_counter() - t0
+            err = sum(
+                (lin.weight.data.float() - w).square().sum().item()
+                for (_, lin), w in zip(linears, originals, strict=True)
+            )
+            rel = (err / sum(w.square().sum().item() for w in originals)) ** 0.5
             q = evaluate(m, windows, reference)
-            rows.append(Row(name, b, bpw, q.perplexity, q.kl_mean, q.kl_p99, q.top1, seconds))
+            rows.append(Row(name, b, bpw, outliers, rel, q.perplexity, q.kl_mean, q.kl_p99, q.top1, seconds))
             if on_row:
                 on_row(rows[-1])
             del m
@@ -128,14 +162,15 @@ def compare(
 
 def markdown(fp: Row, rows: list[Row]) -> str:
     lines = [
-        "| method | bits | bits/weight | perplexity | KL mean | KL p99 | top-1 agreement | quantization time (s) |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| {fp.method} | 16 | - | {fp.perplexity:.3f} | 0 | 0 | 100% | - |",
+        "| method | bits | bits/weight | outliers | weight rel. error | perplexity | KL mean | KL p99 | top-1 "
+        "| time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {fp.method} | 16 | - | - | - | {fp.perplexity:.3f} | 0 | 0 | 100% | - |",
     ]
     for r in rows:
         lines.append(
-            f"| {r.method} | {r.bits} | {r.bits_per_weight:.3f} | {r.perplexity:.3f} | {r.kl_mean:.4f} | "
-            f"{r.kl_p99:.4f} | {r.top1:.2%} | {r.seconds:.1f} |"
+            f"| {r.method} | {r.bits} | {r.bits_per_weight:.3f} | {r.outlier_fraction:.3%} | {r.rel_error:.4f} | "
+            f"{r.perplexity:.3f} | {r.kl_mean:.4f} | {r.kl_p99:.4f} | {r.top1:.2%} | {r.seconds:.1f} |"
         )
     return "\n".join(lines)
 

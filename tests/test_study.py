@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+
+from conftest import heavy_tailed, tiny_model
+from easyquant.cli import main
+from easyquant.compare import resolve
+from easyquant.outliers import sigma_mask
+from easyquant.study import outlier_map, outliers_report, range_trace
+from easyquant.targets import block_linears
+
+
+def test_outlier_map_groups_by_type_and_layer(tmp_path):
+    model = tiny_model("llama", tmp_path / "m")
+    linears = block_linears(model)
+    res = outlier_map(linears, 2.0)
+    assert set(res["by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(res["by_layer"]) == {0, 1}
+    w = dict(linears)["model.layers.1.mlp.up_proj"].weight.data
+    assert res["cells"]["1:up_proj"] == pytest.approx(sigma_mask(w, 2.0).float().mean().item())
+    table = outliers_report(linears, 2.0, tmp_path / "out", "tiny")
+    assert "| down_proj |" in table
+    assert (tmp_path / "out" / "outliers.png").stat().st_size > 1000
+
+
+def test_range_trace_against_dense_search():
+    res = range_trace(heavy_tailed(32, 256, seed=9), bits=4, lr=1e-3, steps=60)
+    assert len(res["loss"]) == len(res["relative_range"]) == 60
+    assert res["dense_loss"] <= res["search_loss"] * 1.0001
+    assert res["search_loss"] <= min(res["loss"]) and res["search_loss"] < res["start_loss"]
+    assert res["relative_range"][-1] < 1.0  # Adam shrinks the range from max-abs
+
+
+def test_method_specs():
+    resolve("easyquant:n_sigma=none/group_size=64/solver=paper")
+    with pytest.raises(ValueError, match="unknown method"):
+        resolve("awq")
+    with pytest.raises(ValueError, match="bits must be"):
+        resolve("easyquant:bits=12")
+
+
+@pytest.mark.slow
+def test_study_range_cli_on_real_model(tmp_path, capsys):
+    assert main(["study", "range", "--steps", "20", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "GGUF Q4_1" in out and "| search |" in out
+    res = json.loads((tmp_path / "range.json").read_text())
+    assert res["dense_loss"] <= res["search_loss"] <= res["loss"][-1]
+    assert torch.tensor(res["loss"]).isfinite().all()
+
+
+def test_encoder_compare_on_a_tiny_bert():
+    import transformers
+
+    from easyquant.assets import minilm_dir, news_text
+    from easyquant.encoder_eval import encoder_compare, encoder_markdown, sentences
+    from easyquant.evaluate import read_text
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    model = transformers.BertModel(cfg)
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    sents = sentences(read_text(news_text()), limit=40)
+    assert len(sents) == 40 and all(len(s.split()) >= 5 for s in sents)
+    batch = tok(sents, return_tensors="pt", padding=True, truncation=True, max_length=64)
+    rows = encoder_compare(model, batch, batch["input_ids"][:8], ["rtn", "easyquant", "gptq"], [3])
+    by = {r.method: r for r in rows}
+    assert by["easyquant"].cos_mean > by["rtn"].cos_mean
+    assert all(0 < r.cos_p1 <= r.cos_mean <= 1 and 0 <= r.nn_agreement <= 1 for r in rows)
+    assert "| easyquant | 3 |" in encoder_markdown(rows)
