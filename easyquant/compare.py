@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -188,7 +189,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     ax.set_xlabel("bits per weight (all overheads)")
     ax.set_ylabel("mean KL divergence from full precision")
     ax.set_yscale("log")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 100), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

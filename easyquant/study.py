@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def _plot(path: Path, draw, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     draw(fig, ax)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 100), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
