@@ -111,7 +111,7 @@ def cmd_encoder(a: argparse.Namespace) -> None:
     calib = token_windows(tok, read_text(a.calib or assets.calibration_text()), 128, a.calib_windows)
     methods = a.methods.split(",") if a.methods else list(DEFAULT_METHODS)
     rows = encoder_compare(model, batch, calib, methods, [int(b) for b in a.bits.split(",")])
-    title = f"{folder.name} (fp32, never quantized): {len(sents)} sentences of the news text"
+    title = f"{folder.parent.name}/{folder.name} (fp32, never quantized): {len(sents)} sentences of the news text"
     table = encoder_markdown(rows)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "encoder.md").write_text(f"{title}\n\n{table}\n")
