@@ -56,7 +56,6 @@ class Summary:
     layers: list[dict] = field(default_factory=list)
     source_bytes: int = 0
     output_bytes: int = 0
-    seconds: float = 0.0
 
     @property
     def quantized_weights(self) -> int:
@@ -277,7 +276,6 @@ def quantize_model(
     out = Path(out)
     if device == "cuda" and not torch.cuda.is_available():
         raise EasyQuantError("--device cuda was asked for, but torch sees no CUDA device")
-    t0 = time.perf_counter()
     settings = json.loads(
         json.dumps(
             {
@@ -319,5 +317,4 @@ def quantize_model(
             "again to resume"
         ) from None
     shutil.rmtree(work)
-    summary.seconds = time.perf_counter() - t0
     return summary
