@@ -103,11 +103,11 @@ def resolve(name: str) -> Method:
     head, _, spec = name.partition(":")
     if head == "easyquant" and spec:
         try:
-            kw = dict(item.split("=", 1) for item in spec.split("/"))
-            QuantConfig(**{k: _value(v) for k, v in kw.items()})
+            kw = {k: _value(v) for k, v in (item.split("=", 1) for item in spec.split("/"))}
+            QuantConfig(**kw)  # fail here, naming the method, rather than mid-run
         except (ValueError, TypeError) as e:
             raise ValueError(f"method {name!r}: {e}") from None
-        return easyquant_method(**{k: _value(v) for k, v in kw.items()})
+        return easyquant_method(**kw)
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or easyquant:key=value/...")
 
 

@@ -209,15 +209,9 @@ def _output_entries(source: Source, targets: list[Target], work: Path) -> list[E
         with safe_open(path, "pt") as f:
             for name in f.keys():
                 sl = f.get_slice(name)
-                entries.append(
-                    Entry(name, DTYPE_OF[sl.get_dtype()], tuple(sl.get_shape()), lambda p=path, n=name: _load(p, n))
-                )
+                unit = TensorRef(name, path, DTYPE_OF[sl.get_dtype()], tuple(sl.get_shape()))
+                entries.append(Entry(name, unit.dtype, unit.shape, unit.load))
     return entries
-
-
-def _load(path: Path, name: str) -> torch.Tensor:
-    with safe_open(path, "pt") as f:
-        return f.get_tensor(name)
 
 
 def _write_shards(out: Path, entries: list[Entry], max_bytes: int) -> int:
