@@ -1,9 +1,13 @@
 """``EasyQuantLinear``: an ``nn.Linear`` whose weight is a :class:`QuantizedWeight`.
 
 It holds the packed codes, scales and CSR outliers as (frozen) parameters named as in the
-checkpoint, so a state dict loads straight into it. The forward pass is where the GPU
-kernel plugs in; elsewhere it dequantizes on the fly into the activations' dtype, which
-keeps memory at the packed size between calls.
+checkpoint, so a state dict loads straight into it. On a GPU with Triton, inputs of up to
+``KERNEL_MAX_ROWS`` rows (decode and short prefill) go through the fused kernel of
+:mod:`easyquant.kernel`, which reads only the packed weight; longer inputs, and every input
+on the CPU, dequantize the weight on the fly into the activations' dtype and use a plain
+matmul, which keeps memory at the packed size between calls. ``backend`` overrides the
+choice per module: ``"auto"``, ``"triton"`` (also on the CPU under ``TRITON_INTERPRET=1``)
+or ``"torch"``.
 """
 
 from __future__ import annotations
@@ -11,11 +15,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import kernel
+from .errors import EasyQuantError
 from .groups import group_count
 from .packing import packed_cols
 from .qweight import QuantizedWeight, index_dtype, rowptr_dtype
 
 QUANTIZED_TENSORS = ("packed", "scales", "outlier_rowptr", "outlier_cols", "outlier_values")
+BACKENDS = ("auto", "triton", "torch")
+KERNEL_MAX_ROWS = 128
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -23,6 +31,8 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 class EasyQuantLinear(nn.Module):
+    backend: str = "auto"
+
     def __init__(
         self,
         in_features: int,
@@ -66,10 +76,19 @@ class EasyQuantLinear(nn.Module):
             dtype=self.dtype,
         )
 
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        if self.backend not in BACKENDS:
+            raise EasyQuantError(f"EasyQuantLinear.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "auto":
+            return x.is_cuda and kernel.available(x) and x.numel() <= KERNEL_MAX_ROWS * self.in_features
+        return self.backend == "triton"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.quantized_weight().dequantize(x.dtype)
+        qw = self.quantized_weight()
+        if self.uses_kernel(x):
+            return kernel.qmatmul(x, qw, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, w, bias)
+        return nn.functional.linear(x, qw.dequantize(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (

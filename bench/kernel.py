@@ -1,0 +1,237 @@
+"""Kernel benchmark: the fused packed-4-bit + CSR-outlier matmul against fp16 cuBLAS.
+
+Layers: for each weight shape, batch and outlier fraction, in one run, the time of
+``easyquant.kernel.qmatmul``, of the same kernel on the same codes with no outliers, and of
+``torch.nn.functional.linear`` on the fp16 weight; the ratios between them; and the kernel's
+achieved memory bandwidth (every byte it must read: codes, scales, outliers, activations, and
+the output it writes) as a share of the device's peak. On a GPU each time is the median of
+``triton.testing.do_bench``, which clears the L2 cache before every call, so no weight is
+served from cache. Weights are synthetic (uniform codes, random scales, outlier positions
+uniform at the stated fraction), which is all the kernel's speed depends on.
+
+Decode: tokens per second of greedy generation, batch 1, for a Llama-shaped model with
+random weights in fp16 against the same model with its block linears quantized (4-bit,
+per channel, n-sigma 3, ``rtn`` range: the solver does not change the speed).
+
+Without a GPU it runs a reduced form on the CPU under TRITON_INTERPRET=1 (small shapes,
+wall-clock timing that says nothing about GPU speed), so that it cannot rot.
+
+    python bench/kernel.py [--quick] [--shapes 7b,70b] [--batches 1,16] [--fractions 0,0.005]
+                           [--decode-model 7b|1b|tiny|none] [--json bench/results/kernel.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before easyquant.kernel defines its kernels
+
+import transformers
+
+from easyquant import QuantConfig, quantize_weight
+from easyquant.kernel import default_config, qmatmul
+from easyquant.nn import EasyQuantLinear
+from easyquant.packing import pack
+from easyquant.qweight import QuantizedWeight, csr_from_mask
+from easyquant.targets import block_linears
+
+SHAPES = {
+    "7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
+    "70b": [(8192, 8192), (28672, 8192)],
+    "cpu": [(256, 512), (512, 256)],
+}
+BATCHES = [1, 2, 4, 8, 16, 32, 128]
+FRACTIONS = [0.0, 0.001, 0.005, 0.01, 0.05]
+# Peak DRAM bandwidth (GB/s) from the vendors' data sheets, by a substring of the device name.
+PEAK_GBPS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800, "A100-SXM4": 2039}
+DECODE_MODELS = {
+    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32},
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32},
+    "tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4},
+}
+
+
+def synthetic(rows: int, cols: int, fraction: float, device: str, bits: int = 4, seed: int = 0) -> QuantizedWeight:
+    g = torch.Generator(device=device).manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=g, device=device, dtype=torch.uint8)
+    mask = torch.rand(rows, cols, generator=g, device=device) < fraction
+    codes[mask] = 2 ** (bits - 1)  # the code of 0 where an outlier takes over
+    scales = ((torch.rand(rows, 1, generator=g, device=device) + 0.5) * 2e-3).half()
+    rowptr, col_idx, values = csr_from_mask(mask, torch.randn(rows, cols, generator=g, device=device) * 0.05)
+    return QuantizedWeight(pack(codes, bits), scales, rowptr, col_idx, values, bits, cols, (rows, cols), torch.float16)
+
+
+def without_outliers(qw: QuantizedWeight) -> QuantizedWeight:
+    empty = qw.outlier_cols[:0]
+    return replace(qw, outlier_rowptr=torch.zeros_like(qw.outlier_rowptr), outlier_cols=empty,
+                   outlier_values=qw.outlier_values[:0])  # fmt: skip
+
+
+def timer(device: str, reps: int) -> Callable[[Callable[[], object]], float]:
+    """Seconds per call: median of do_bench on a GPU (L2 flushed before each call), of
+    wall-clock repetitions on the CPU."""
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+
+    def cpu(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return cpu
+
+
+def peak_gbps(device: str, override: float | None) -> float | None:
+    if override or device != "cuda":
+        return override
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_GBPS.items() if k in name), None)
+
+
+def layer_rows(args: argparse.Namespace, device: str, peak: float | None) -> list[dict]:
+    time_it = timer(device, args.reps)
+    dtype = torch.float16 if device == "cuda" else torch.float32  # the CPU has no fast fp16 matmul
+    rows = []
+    for n, k in [s for key in args.shapes.split(",") for s in SHAPES[key]]:
+        base = synthetic(n, k, 0.0, device)
+        w16 = base.dequantize(dtype)
+        for fraction in args.fractions:
+            qw = synthetic(n, k, fraction, device)
+            dense = without_outliers(qw)
+            for m in args.batches:
+                x = torch.randn(m, k, device=device, dtype=dtype)
+                t_fp16 = time_it(lambda: torch.nn.functional.linear(x, w16))  # noqa: B023
+                t_dense = time_it(lambda: qmatmul(x, dense))  # noqa: B023
+                t_kernel = time_it(lambda: qmatmul(x, qw))  # noqa: B023
+                moved = qw.nbytes + x.numel() * x.element_size() + m * n * x.element_size()
+                gbps = moved / t_kernel / 1e9
+                cfg = default_config(m, n, k, x.device)
+                rows.append({
+                    "shape": f"{n}x{k}", "batch": m, "outlier_fraction": qw.outlier_fraction,
+                    "fp16_us": t_fp16 * 1e6, "dense_only_us": t_dense * 1e6, "kernel_us": t_kernel * 1e6,
+                    "speedup_vs_fp16": t_fp16 / t_kernel, "outlier_cost": t_kernel / t_dense - 1,
+                    "gbps": gbps, "peak_share": gbps / peak if peak else None,
+                    "config": f"m{cfg.block_m} n{cfg.block_n} k{cfg.block_k} split{cfg.split_k}",
+                })  # fmt: skip
+                r = rows[-1]
+                print(f"{r['shape']:>11} b{m:<4} {fraction:6.2%} fp16 {r['fp16_us']:9.1f}us "
+                      f"kernel {r['kernel_us']:9.1f}us x{r['speedup_vs_fp16']:.2f} "
+                      f"outliers {r['outlier_cost']:+.1%}", flush=True)  # fmt: skip
+    return rows
+
+
+def decode_tokens_per_second(model: torch.nn.Module, device: str, new_tokens: int) -> float:
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16), device=device)
+    kw = {"do_sample": False, "pad_token_id": 0, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+    model.generate(prompt, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up: compile kernels
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model.generate(prompt, **kw)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return new_tokens / (time.perf_counter() - t0)
+
+
+def decode_row(name: str, device: str, new_tokens: int) -> dict:
+    cfg = transformers.LlamaConfig(**DECODE_MODELS[name], vocab_size=32000, max_position_embeddings=4096)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    with torch.no_grad():
+        fp16 = decode_tokens_per_second(model, device, new_tokens)
+        fp16_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        qcfg = QuantConfig(bits=4, solver="rtn")
+        for lin_name, lin in block_linears(model):
+            qw = quantize_weight(lin.weight.data, qcfg, name=lin_name)
+            parent, _, child = lin_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, EasyQuantLinear.from_quantized(qw, lin.bias))
+        if device != "cuda":
+            EasyQuantLinear.backend = "triton"  # the interpreter: exercise the kernel path on the CPU
+        quant = decode_tokens_per_second(model, device, new_tokens)
+        EasyQuantLinear.backend = "auto"
+    q_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"model": f"llama-{name} (random weights)", "new_tokens": new_tokens, "fp16_tokens_per_s": fp16,
+            "easyquant_tokens_per_s": quant, "speedup": quant / fp16,
+            "fp16_gib": fp16_bytes / 2**30, "easyquant_gib": q_bytes / 2**30}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    on_gpu = torch.cuda.is_available()
+    ap.add_argument("--quick", action="store_true", help="7B shapes, batches 1 and 16, fractions 0 and 0.5%%")
+    ap.add_argument("--shapes", default="7b,70b" if on_gpu else "cpu", help=f"comma list of {list(SHAPES)}")
+    ap.add_argument("--batches", default=None, help="comma list (default: 1,2,4,8,16,32,128; CPU: 1,16)")
+    ap.add_argument("--fractions", default=None, help="comma list (default: 0,0.001,0.005,0.01,0.05; CPU: 0,0.005)")
+    ap.add_argument("--decode-model", default="7b" if on_gpu else "tiny", choices=[*DECODE_MODELS, "none"])
+    ap.add_argument("--new-tokens", type=int, default=128 if on_gpu else 8)
+    ap.add_argument("--reps", type=int, default=3, help="CPU repetitions per timing")
+    ap.add_argument("--peak-gbps", type=float, default=None, help="device peak bandwidth, if not in the table")
+    ap.add_argument("--json", type=Path, default=Path("bench/results/kernel.json"))
+    args = ap.parse_args()
+    small = args.quick or not on_gpu
+    args.batches = [int(b) for b in (args.batches or ("1,16" if small else ",".join(map(str, BATCHES)))).split(",")]
+    default_fractions = "0,0.005" if small else ",".join(map(str, FRACTIONS))
+    args.fractions = [float(f) for f in (args.fractions or default_fractions).split(",")]
+    if args.quick and on_gpu:
+        args.shapes = "7b"
+    device = "cuda" if on_gpu else "cpu"
+    peak = peak_gbps(device, args.peak_gbps)
+
+    rows = layer_rows(args, device, peak)
+    decode = [] if args.decode_model == "none" else [decode_row(args.decode_model, device, args.new_tokens)]
+
+    import triton
+
+    meta = {
+        "date": date.today().isoformat(), "machine": platform.platform(), "device": device,
+        "gpu": torch.cuda.get_device_name() if on_gpu else None, "peak_gbps": peak,
+        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+        "interpreted": not on_gpu,
+    }  # fmt: skip
+    print(f"\n{meta['date']}, {meta['gpu'] or 'CPU under TRITON_INTERPRET=1 (timings say nothing of GPU speed)'}, "
+          f"torch {meta['torch']}, triton {meta['triton']}; 4-bit per channel, activations "
+          f"{'fp16' if on_gpu else 'fp32'}")  # fmt: skip
+    ref = "fp16" if on_gpu else "fp32"
+    print(
+        f"| shape | batch | outliers | {ref} matmul (us) | dense only (us) | kernel (us) | x {ref} | outlier cost "
+        "| GB/s | % of peak | tiles |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        share = f"{r['peak_share']:.0%}" if r["peak_share"] else "-"
+        print(f"| {r['shape']} | {r['batch']} | {r['outlier_fraction']:.2%} | {r['fp16_us']:.1f} | "
+              f"{r['dense_only_us']:.1f} | {r['kernel_us']:.1f} | {r['speedup_vs_fp16']:.2f} | "
+              f"{r['outlier_cost']:+.1%} | {r['gbps']:.1f} | {share} | {r['config']} |")  # fmt: skip
+    if decode:
+        print(f"\n| model | new tokens | {ref} tok/s | easyquant tok/s | speed-up | {ref} GiB | easyquant GiB |")
+        print("|---|---|---|---|---|---|---|")
+        for d in decode:
+            print(f"| {d['model']} | {d['new_tokens']} | {d['fp16_tokens_per_s']:.1f} | "
+                  f"{d['easyquant_tokens_per_s']:.1f} | {d['speedup']:.2f} | {d['fp16_gib']:.2f} | "
+                  f"{d['easyquant_gib']:.2f} |")  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "layers": rows, "decode": decode}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The Triton kernel against dequantize() and a plain matmul, on the CPU under TRITON_INTERPRET=1
+(conftest.py turns the interpreter on when there is no GPU), for every bit width and layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import heavy_tailed, tiny_model
+from easyquant import EasyQuantError, QuantConfig, quantize_weight
+from easyquant.kernel import KernelConfig, available, qmatmul
+from easyquant.nn import EasyQuantLinear
+from easyquant.pipeline import quantize_model
+from easyquant.qweight import QuantizedWeight, csr_from_mask
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [
+    pytest.mark.skipif(not available(torch.zeros(1, device=DEVICE)), reason="needs Triton (GPU or TRITON_INTERPRET=1)"),
+    pytest.mark.filterwarnings("ignore:.*outliers"),
+]
+EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23}
+
+
+def check(y: torch.Tensor, x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+    """Each output within the rounding of the activations' dtype (weights and output) plus fp32
+    accumulation over K terms, measured on sum |x| |w|, from the exact product with the
+    dequantized weight: a misplaced code or outlier breaks it, most sharply in fp32."""
+    w = qw.dequantize(torch.float32)
+    ref = x.double() @ w.double().T + (0 if bias is None else bias.double())
+    size = x.double().abs() @ w.double().abs().T + ref.abs()
+    subnormal_step = torch.finfo(x.dtype).smallest_normal * EPS[x.dtype]
+    bound = (2 * EPS[x.dtype] + x.shape[-1] * EPS[torch.float32]) * size + subnormal_step
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    excess = ((y.double() - ref).abs() - bound).max().item() if y.numel() else -1
+    assert excess <= 0, f"kernel output off by more than the rounding bound ({excess:.3g})"
+
+
+def quantized(rows: int, cols: int, bits: int, group_size: int | None, n_sigma: float | None, seed: int = 0):
+    cfg = QuantConfig(bits=bits, group_size=group_size, n_sigma=n_sigma, solver="rtn", max_outlier_fraction=1.0)
+    return quantize_weight(heavy_tailed(rows, cols, seed=seed), cfg).to(DEVICE)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("group_size", [None, 32, 48])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_every_width_layout_and_dtype(bits, group_size, dtype):
+    qw = quantized(72, 200, bits, group_size, n_sigma=2.5, seed=bits)
+    assert qw.outlier_count > 0
+    x = torch.randn(3, 200, dtype=dtype, device=DEVICE)
+    check(qmatmul(x, qw), x, qw)
+
+
+CONFIGS = [
+    None,
+    KernelConfig(1, 16, 32, 16),
+    KernelConfig(16, 32, 64, 16, split_k=3),
+    KernelConfig(32, 64, 16, 32, split_k=2),
+    KernelConfig(64, 16, 128, 64),
+]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.sampled_from([2, 3, 4, 5, 8]),
+    rows=st.integers(1, 70),
+    cols=st.integers(1, 300),
+    batch=st.integers(0, 40),
+    group=st.sampled_from([None, 16, 64, 100]),
+    n_sigma=st.sampled_from([None, 2.0, 3.0]),
+    config=st.sampled_from(CONFIGS),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_dequantize_on_any_shape(bits, rows, cols, batch, group, n_sigma, config, dtype, seed):
+    qw = quantized(rows, cols, bits, group, n_sigma, seed)
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE)
+    check(qmatmul(x, qw, config=config), x, qw)
+
+
+def test_skewed_outliers_and_wide_rows():
+    """Outliers crowded into a few rows (many chunks for one tile, split across programs), and
+    rows wider than 256 columns, whose outlier columns are int16."""
+    rows, cols = 40, 700
+    w = heavy_tailed(rows, cols, seed=3)
+    qw = quantize_weight(w, QuantConfig(bits=4, n_sigma=None, solver="rtn"))
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    mask[5, ::3] = True  # 234 outliers in row 5
+    mask[6, :40] = True
+    mask[39, -7:] = True
+    rowptr, col_idx, values = csr_from_mask(mask, w * 50)
+    codes = qw.codes()
+    assert col_idx.dtype == torch.int16
+    from easyquant.packing import pack
+
+    packed = pack((codes.masked_fill(mask, 0) - qw.grid.qmin).to(torch.uint8), 4)
+    qw = QuantizedWeight(packed, qw.scales, rowptr, col_idx, values, 4, cols, (rows, cols), torch.float32).to(DEVICE)
+    x = torch.randn(5, cols, dtype=torch.float32, device=DEVICE)
+    for cfg in (KernelConfig(16, 16, 64, 16, split_k=4), KernelConfig(1, 64, 256, 32), None):
+        check(qmatmul(x, qw, config=cfg), x, qw)
+
+
+def test_bias_and_leading_dimensions():
+    qw = quantized(48, 96, 4, 32, n_sigma=3.0)
+    x = torch.randn(2, 3, 96, dtype=torch.float16, device=DEVICE)
+    bias = torch.randn(48, dtype=torch.float16, device=DEVICE)
+    y = qmatmul(x, qw, bias)
+    assert y.shape == (2, 3, 48)
+    check(y.reshape(6, 48), x.reshape(6, 96), qw, bias)
+    xt = torch.randn(96, 4, dtype=torch.float16, device=DEVICE).T  # not contiguous
+    check(qmatmul(xt, qw), xt, qw)
+
+
+def test_bad_input_is_refused():
+    qw = quantized(16, 64, 4, None, 3.0)
+    with pytest.raises(EasyQuantError, match="features"):
+        qmatmul(torch.randn(2, 32, device=DEVICE), qw)
+    with pytest.raises(EasyQuantError, match="activations"):
+        qmatmul(torch.randn(2, 64, device=DEVICE).to(torch.float64), qw)
+    with pytest.raises(EasyQuantError, match="power of two"):
+        KernelConfig(16, 48, 64)
+    with pytest.raises(EasyQuantError, match="at least 16"):
+        KernelConfig(16, 8, 64)
+
+
+def test_model_through_the_kernel(tmp_path):
+    """A checkpoint loaded with from_pretrained gives the same logits through the kernel as through
+    the dequantizing path, and generates."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    tiny_model("opt", src)  # OPT's linears have biases
+    quantize_model(src, out, QuantConfig(bits=4, group_size=32), progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(DEVICE).eval()
+    layers = [m for m in model.modules() if isinstance(m, EasyQuantLinear)]
+    x = torch.randint(0, 128, (2, 7), device=DEVICE)
+    with torch.no_grad():
+        EasyQuantLinear.backend = "torch"
+        ref = model(x).logits
+        EasyQuantLinear.backend = "triton"
+        try:
+            assert all(layer.uses_kernel(x.float()) for layer in layers)
+            torch.testing.assert_close(model(x).logits, ref, rtol=1e-4, atol=1e-4)
+            y = model.generate(x[:1, :3], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        finally:
+            EasyQuantLinear.backend = "auto"
+    assert y.shape == (1, 7)
+    assert not layers[0].uses_kernel(torch.zeros(1, 64)) or DEVICE == "cuda"
