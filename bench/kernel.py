@@ -41,8 +41,9 @@ if not torch.cuda.is_available():
 import transformers
 
 from easyquant import QuantConfig, quantize_weight
+from easyquant.evaluate import generation_speed
 from easyquant.kernel import default_config, qmatmul
-from easyquant.nn import EasyQuantLinear
+from easyquant.nn import EasyQuantLinear, swap_in_quantized
 from easyquant.packing import pack
 from easyquant.qweight import QuantizedWeight, csr_from_mask
 from easyquant.targets import block_linears
@@ -138,19 +139,6 @@ def layer_rows(args: argparse.Namespace, device: str, peak: float | None) -> lis
     return rows
 
 
-def decode_tokens_per_second(model: torch.nn.Module, device: str, new_tokens: int) -> float:
-    prompt = torch.randint(0, model.config.vocab_size, (1, 16), device=device)
-    kw = {"do_sample": False, "pad_token_id": 0, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
-    model.generate(prompt, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up: compile kernels
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    model.generate(prompt, **kw)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return new_tokens / (time.perf_counter() - t0)
-
-
 def decode_row(name: str, device: str, new_tokens: int) -> dict:
     cfg = transformers.LlamaConfig(**DECODE_MODELS[name], vocab_size=32000, max_position_embeddings=4096)
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -158,16 +146,14 @@ def decode_row(name: str, device: str, new_tokens: int) -> dict:
     with torch.device(device):
         model = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
     with torch.no_grad():
-        fp16 = decode_tokens_per_second(model, device, new_tokens)
+        prompt = torch.randint(0, cfg.vocab_size, (1, 16))
+        fp16 = generation_speed(model, prompt, new_tokens)
         fp16_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         qcfg = QuantConfig(bits=4, solver="rtn")
-        for lin_name, lin in block_linears(model):
-            qw = quantize_weight(lin.weight.data, qcfg, name=lin_name)
-            parent, _, child = lin_name.rpartition(".")
-            setattr(model.get_submodule(parent), child, EasyQuantLinear.from_quantized(qw, lin.bias))
+        swap_in_quantized(model, {n: quantize_weight(lin.weight.data, qcfg, name=n) for n, lin in block_linears(model)})
         if device != "cuda":
             EasyQuantLinear.backend = "triton"  # the interpreter: exercise the kernel path on the CPU
-        quant = decode_tokens_per_second(model, device, new_tokens)
+        quant = generation_speed(model, prompt, new_tokens)
         EasyQuantLinear.backend = "auto"
     q_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"model": f"llama-{name} (random weights)", "new_tokens": new_tokens, "fp16_tokens_per_s": fp16,

@@ -54,9 +54,12 @@ def _add_eval_args(p: argparse.ArgumentParser, out: Path | None) -> None:
     p.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the offline SmolLM2-135M)")
     p.add_argument("--text", type=Path, default=None, help="evaluation text (default: offline news prose)")
     p.add_argument("--calib", type=Path, default=None, help="calibration text for GPTQ (default: a separate news text)")
-    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--max-windows", type=int, default=40)
+    p.add_argument("--window", type=int, default=2048, help="tokens per window (default 2048, GPTQ's)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate the first N windows (default: all)")
     p.add_argument("--calib-windows", type=int, default=16)
+    p.add_argument(
+        "--gen-tokens", type=int, default=32, help="tokens generated to time packed models (default 32; 0: skip)"
+    )
     p.add_argument("--out", type=Path, default=out, help="output folder" + (f" (default {out})" if out else ""))
 
 
@@ -144,7 +147,9 @@ def cmd_compare(a: argparse.Namespace) -> None:
         f"GPTQ calibration {Path(calib_text).name}: {len(calib)} windows"
     )
     print(title)
-    fp, rows = compare(model, windows, calib, methods, bits, on_row=lambda r: print(r, flush=True))
+    fp, rows = compare(
+        model, windows, calib, methods, bits, on_row=lambda r: print(r, flush=True), gen_tokens=a.gen_tokens
+    )
     meta = {
         "date": datetime.date.today().isoformat(),
         "machine": platform.platform(),
@@ -153,6 +158,7 @@ def cmd_compare(a: argparse.Namespace) -> None:
         "text": str(text),
         "calibration": str(calib_text),
         "window": a.window,
+        "gen_tokens": a.gen_tokens,
     }
     write_results(a.out, fp, rows, meta, title)
     print(markdown(fp, rows))

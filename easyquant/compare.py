@@ -2,7 +2,12 @@
 
 Each method quantizes a fresh copy of the model in memory (each quantized weight replaced by
 what its checkpoint would dequantize to, which the tests show equals loading the checkpoint),
-then is measured against the full-precision model on the same evaluation windows.
+then is measured against the full-precision model on the same evaluation windows. Size is the
+checkpoint's tensor bytes: quantized linears at their bits per weight (every overhead counted),
+everything else as the model stores it. Generation speed is measured where the method's
+packed format has a runtime here: for methods that write the easyquant format, the copy's
+linears are swapped for :class:`EasyQuantLinear` modules holding the packed weights (what
+``from_pretrained`` gives) and timed against the original model on the same prompt.
 """
 
 from __future__ import annotations
@@ -19,52 +24,67 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .evaluate import Reference, evaluate
+from .evaluate import Reference, evaluate, generation_speed
 from .gptq import gptq_model
+from .nn import swap_in_quantized
 from .peers import hqq_quantize
 from .quantize import QuantConfig, quantize_weight
+from .qweight import QuantizedWeight
 from .targets import block_linears
 
-# A method quantizes the given linears of a model in place (calibration windows for the
-# data-dependent one) and returns (bits per weight, outlier fraction) over them, all overheads counted.
 Linears = list[tuple[str, nn.Linear]]
-Method = Callable[[nn.Module, Linears, int, torch.Tensor], tuple[float, float]]
 
 
-def _per_layer(fn: Callable[[str, torch.Tensor, int], tuple[torch.Tensor, float, int]]) -> Method:
-    """A method that quantizes each weight on its own: ``fn(name, w, bits) -> (w_hat, bpw, outliers)``."""
+@dataclass
+class Quantized:
+    """What a method did to the linears: bits per weight and outlier fraction over them (all
+    overheads counted), and the packed weights where it writes the easyquant format."""
 
-    def run(model: nn.Module, linears: Linears, bits: int, calib: torch.Tensor) -> tuple[float, float]:
+    bits_per_weight: float
+    outlier_fraction: float
+    packed: dict[str, QuantizedWeight] | None = None
+
+
+# A method quantizes the given linears of a model in place (calibration windows for the data-dependent one).
+Method = Callable[[nn.Module, Linears, int, torch.Tensor], Quantized]
+PerLayer = Callable[[str, torch.Tensor, int], tuple[torch.Tensor, float, int, QuantizedWeight | None]]
+
+
+def _per_layer(fn: PerLayer) -> Method:
+    """A method that quantizes each weight on its own: ``fn(name, w, bits) -> (w_hat, bpw, outliers, packed)``."""
+
+    def run(model: nn.Module, linears: Linears, bits: int, calib: torch.Tensor) -> Quantized:
         total = bits_sum = outliers = 0.0
+        packed = {}
         for name, lin in linears:
-            lin.weight.data, bpw, n_out = fn(name, lin.weight.data, bits)
+            lin.weight.data, bpw, n_out, packed[name] = fn(name, lin.weight.data, bits)
             bits_sum += bpw * lin.weight.numel()
             outliers += n_out
             total += lin.weight.numel()
-        return bits_sum / total, outliers / total
+        return Quantized(bits_sum / total, outliers / total, None if None in packed.values() else packed)
 
     return run
 
 
 def easyquant_method(**kw: object) -> Method:
-    def one(name: str, w: torch.Tensor, bits: int) -> tuple[torch.Tensor, float, int]:
+    def one(name: str, w: torch.Tensor, bits: int) -> tuple[torch.Tensor, float, int, QuantizedWeight]:
         qw = quantize_weight(w, QuantConfig(bits=bits, **kw), name=name)
-        return qw.dequantize(), qw.bits_per_weight, qw.outlier_count
+        return qw.dequantize(), qw.bits_per_weight, qw.outlier_count, qw
 
     return _per_layer(one)
 
 
 def hqq_method(group_size: int) -> Method:
-    return _per_layer(lambda name, w, bits: (*hqq_quantize(w, bits, group_size), 0))
+    return _per_layer(lambda name, w, bits: (*hqq_quantize(w, bits, group_size), 0, None))
 
 
 def gptq_method(group_size: int | None) -> Method:
-    def run(model: nn.Module, linears: Linears, bits: int, calib: torch.Tensor) -> tuple[float, float]:
+    def run(model: nn.Module, linears: Linears, bits: int, calib: torch.Tensor) -> Quantized:
         gptq_model(model, linears, calib, bits, group_size)
         # Same storage as RTN: codes, an fp16 scale per row or group (no outliers).
         n = sum(lin.weight.numel() for _, lin in linears)
         scales = sum(lin.out_features * -(-lin.in_features // (group_size or lin.in_features)) for _, lin in linears)
-        return bits + 16 * scales / n, 0.0
+        return Quantized(bits + 16 * scales / n, 0.0)
 
     return run
 
@@ -123,6 +143,14 @@ class Row:
     kl_p99: float
     top1: float
     seconds: float
+    size_mib: float
+    tokens_per_s: float | None  # greedy generation, batch 1; None where no packed runtime is timed
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors a checkpoint holds: the state dict, tied weights counted once."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def compare(
@@ -132,21 +160,31 @@ def compare(
     methods: list[str],
     bits: list[int],
     on_row: Callable[[Row], None] | None = None,
+    gen_tokens: int = 32,
 ) -> tuple[Row, list[Row]]:
-    """The full-precision row and one row per (method, bits)."""
+    """The full-precision row and one row per (method, bits). ``gen_tokens``: how many tokens
+    each timed model generates from the first 16 of the first window (0: no timing)."""
     runs = {name: resolve(name) for name in methods}
     model.eval()
     originals = [lin.weight.data.float() for _, lin in block_linears(model)]
+    linear_bytes = sum(lin.weight.numel() * lin.weight.element_size() for _, lin in block_linears(model))
+    other_bytes = _tensor_bytes(model) - linear_bytes
+    prompt = windows[:1, :16]
+
+    def speed(m: nn.Module) -> float | None:
+        return generation_speed(m, prompt, gen_tokens) if gen_tokens else None
+
     reference = Reference.of(model, windows)
     q = evaluate(model, windows, reference)
-    fp = Row("full precision", 16, 16.0, 0.0, 0.0, q.perplexity, q.kl_mean, q.kl_p99, q.top1, 0.0)
+    fp = Row("full precision", 16, 16.0, 0.0, 0.0, q.perplexity, q.kl_mean, q.kl_p99, q.top1, 0.0,
+             _tensor_bytes(model) / 2**20, speed(model))  # fmt: skip
     rows = []
     for b in bits:
         for name in tqdm(methods, desc=f"{b}-bit methods", unit="method", leave=False):
             m = copy.deepcopy(model)
             linears = block_linears(m)
             t0 = time.perf_counter()
-            bpw, outliers = runs[name](m, linears, b, calib)
+            result = runs[name](m, linears, b, calib)
             seconds = time.perf_counter() - t0
             err = sum(
                 (lin.weight.data.float() - w).square().sum().item()
@@ -154,24 +192,39 @@ def compare(
             )
             rel = (err / sum(w.square().sum().item() for w in originals)) ** 0.5
             q = evaluate(m, windows, reference)
-            rows.append(Row(name, b, bpw, outliers, rel, q.perplexity, q.kl_mean, q.kl_p99, q.top1, seconds))
+            n_weights = sum(w.numel() for w in originals)
+            size = (other_bytes + result.bits_per_weight * n_weights / 8) / 2**20
+            tokens_per_s = None
+            if result.packed is not None and gen_tokens:
+                swap_in_quantized(m, result.packed)
+                tokens_per_s = speed(m)
+            rows.append(Row(name, b, result.bits_per_weight, result.outlier_fraction, rel, q.perplexity, q.kl_mean,
+                            q.kl_p99, q.top1, seconds, size, tokens_per_s))  # fmt: skip
             if on_row:
                 on_row(rows[-1])
             del m
     return fp, rows
 
 
+def _speed(r: Row, fp: Row) -> str:
+    if r.tokens_per_s is None:
+        return "-"
+    return f"{r.tokens_per_s:.1f}" + ("" if r is fp else f" ({r.tokens_per_s / fp.tokens_per_s:.2f}x)")
+
+
 def markdown(fp: Row, rows: list[Row]) -> str:
     lines = [
-        "| method | bits | bits/weight | outliers | weight rel. error | perplexity | KL mean | KL p99 | top-1 "
-        "| time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| {fp.method} | 16 | - | - | - | {fp.perplexity:.3f} | 0 | 0 | 100% | - |",
+        "| method | bits | bits/weight | size (MiB) | outliers | weight rel. error | perplexity | KL mean | KL p99 "
+        "| top-1 | quantize (s) | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {fp.method} | 16 | - | {fp.size_mib:.1f} | - | - | {fp.perplexity:.3f} | 0 | 0 | 100% | - "
+        f"| {_speed(fp, fp)} |",
     ]
     for r in rows:
         lines.append(
-            f"| {r.method} | {r.bits} | {r.bits_per_weight:.3f} | {r.outlier_fraction:.3%} | {r.rel_error:.4f} | "
-            f"{r.perplexity:.3f} | {r.kl_mean:.4f} | {r.kl_p99:.4f} | {r.top1:.2%} | {r.seconds:.1f} |"
+            f"| {r.method} | {r.bits} | {r.bits_per_weight:.3f} | {r.size_mib:.1f} | {r.outlier_fraction:.3%} "
+            f"| {r.rel_error:.4f} | {r.perplexity:.3f} | {r.kl_mean:.4f} | {r.kl_p99:.4f} | {r.top1:.2%} "
+            f"| {r.seconds:.1f} | {_speed(r, fp)} |"
         )
     return "\n".join(lines)
 

@@ -66,7 +66,7 @@ def encoder_compare(
         for name, run in runs.items():
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
-            bpw, _ = run(m, block_linears(m), b, calib)
+            bpw = run(m, block_linears(m), b, calib).bits_per_weight
             seconds = time.perf_counter() - t0
             e = embed(m, batch)
             cos = (e * ref).sum(-1)

@@ -11,6 +11,7 @@ perplexity on a small corpus.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,3 +88,18 @@ def evaluate(model, windows: torch.Tensor, reference: Reference | None = None, b
         return Quality(math.exp(nll / count))
     kl = torch.cat(kls)
     return Quality(math.exp(nll / count), kl.mean().item(), kl.quantile(0.99).item(), agree / count)
+
+
+@torch.inference_mode()
+def generation_speed(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Tokens per second of greedy generation (batch 1, exactly ``new_tokens`` tokens, after a
+    short warm-up run), synchronised on a GPU."""
+    prompt = prompt.to(model.device)
+    kw = {"do_sample": False, "pad_token_id": 0, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+    model.generate(prompt, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
+    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    model.generate(prompt, **kw)
+    sync()
+    return new_tokens / (time.perf_counter() - t0)

@@ -3,7 +3,7 @@
 The checkpoint's ``quantization_config`` lists every quantized module with its outlier count;
 before the weights load, those ``nn.Linear`` modules are swapped for :class:`EasyQuantLinear`
 with tensors of exactly the stored shapes, and the state dict then loads into them as is.
-Pinned to transformers >=5.0,<6 in pyproject.toml; tested with 5.23 (5.17, the GPU machine's, not yet).
+Pinned to transformers >=5.0,<6 in pyproject.toml; tested with 5.23 and 5.17 (on the CPU).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -43,12 +44,20 @@ except ImportError:  # the CPU path in nn.py needs none of this
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older ones read the variable directly
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def available(x: torch.Tensor) -> bool:
     """Whether the kernel can run on ``x``: Triton is installed and ``x`` is on a GPU
     (or the interpreter is on, for tests on the CPU)."""
     if triton is None or x.dtype not in ACTIVATION_DTYPES:
         return False
-    return x.is_cuda or triton.knobs.runtime.interpret
+    return x.is_cuda or interpreting()
 
 
 @dataclass(frozen=True)
@@ -184,16 +193,51 @@ if triton is not None:
         else:
             tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
+    @triton.jit
+    def _dequantize_kernel(
+        w_ptr, packed_ptr, scales_ptr, N, K, row_bytes, n_groups,
+        BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = tl.program_id(1) * BLOCK_K
+        rk = k0 + tl.arange(0, BLOCK_K)
+        n_mask, k_mask = rn < N, rk < K
+        mask = n_mask[:, None] & k_mask[None, :]
+        codes = _unpack_tile(packed_ptr, row_bytes, rn, k0, rk, n_mask, k_mask, BITS, BLOCK_K)
+        s = tl.load(scales_ptr + rn[:, None] * n_groups + (rk // GROUP)[None, :], mask=mask, other=0.0)
+        w = (codes - (1 << (BITS - 1))).to(tl.float32) * s.to(tl.float32)
+        tl.store(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
-def qmatmul(
-    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, config: KernelConfig | None = None
-) -> torch.Tensor:
-    """``x @ qw.dequantize().T + bias`` without materialising the weight. ``x``: ``(..., in)``."""
+
+def _check_available(x: torch.Tensor) -> None:
     if not available(x):
         raise EasyQuantError(
             f"the Triton kernel needs Triton and a CUDA tensor (or TRITON_INTERPRET=1) with activations in "
             f"{[str(d) for d in ACTIVATION_DTYPES]}; got a {x.dtype} tensor on {x.device}"
         )
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """``qw.dequantize(dtype)`` in one pass over the packed codes, with no int64 temporaries:
+    for inputs too long for :func:`qmatmul`, whose weight is then multiplied by cuBLAS."""
+    n, k = qw.shape
+    w = torch.empty(n, k, dtype=dtype, device=qw.packed.device)
+    _check_available(w)
+    block_n, block_k = 32, 128
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    _dequantize_kernel[grid](w, qw.packed, qw.scales, n, k, qw.packed.shape[1], qw.scales.shape[1],
+                             BITS=qw.bits, GROUP=qw.group_size, BLOCK_N=block_n, BLOCK_K=block_k)  # fmt: skip
+    if qw.outlier_count:
+        rows = torch.repeat_interleave(torch.arange(n, device=w.device), torch.diff(qw.outlier_rowptr.long()))
+        w[rows, qw.outlier_cols.long()] = qw.outlier_values.to(dtype)
+    return w
+
+
+def qmatmul(
+    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, config: KernelConfig | None = None
+) -> torch.Tensor:
+    """``x @ qw.dequantize().T + bias`` without materialising the weight. ``x``: ``(..., in)``."""
+    _check_available(x)
     n, k = qw.shape
     if x.shape[-1] != k:
         raise EasyQuantError(f"activations have {x.shape[-1]} features, the weight expects {k}")

@@ -3,9 +3,9 @@
 It holds the packed codes, scales and CSR outliers as (frozen) parameters named as in the
 checkpoint, so a state dict loads straight into it. On a GPU with Triton, inputs of up to
 ``KERNEL_MAX_ROWS`` rows (decode and short prefill) go through the fused kernel of
-:mod:`easyquant.kernel`, which reads only the packed weight; longer inputs, and every input
-on the CPU, dequantize the weight on the fly into the activations' dtype and use a plain
-matmul, which keeps memory at the packed size between calls. ``backend`` overrides the
+:mod:`easyquant.kernel`, which reads only the packed weight; longer inputs dequantize the
+weight with its Triton dequantizer and use cuBLAS. On the CPU the weight is dequantized on
+the fly in torch. Either way memory stays at the packed size between calls. ``backend`` overrides the
 choice per module: ``"auto"``, ``"triton"`` (also on the CPU under ``TRITON_INTERPRET=1``)
 or ``"torch"``.
 """
@@ -76,22 +76,33 @@ class EasyQuantLinear(nn.Module):
             dtype=self.dtype,
         )
 
-    def uses_kernel(self, x: torch.Tensor) -> bool:
+    def path(self, x: torch.Tensor) -> str:
+        """How ``forward`` multiplies ``x``: ``"fused"`` (the Triton matmul), ``"dequantize"``
+        (the Triton dequantizer, then a dense matmul) or ``"torch"`` (dequantize in torch)."""
         if self.backend not in BACKENDS:
             raise EasyQuantError(f"EasyQuantLinear.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.backend == "auto":
-            return x.is_cuda and kernel.available(x) and x.numel() <= KERNEL_MAX_ROWS * self.in_features
-        return self.backend == "triton"
+        if self.backend == "torch" or (self.backend == "auto" and not (x.is_cuda and kernel.available(x))):
+            return "torch"
+        return "fused" if x.numel() <= KERNEL_MAX_ROWS * self.in_features else "dequantize"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qw = self.quantized_weight()
-        if self.uses_kernel(x):
+        qw, path = self.quantized_weight(), self.path(x)
+        if path == "fused":
             return kernel.qmatmul(x, qw, self.bias)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, qw.dequantize(x.dtype), bias)
+        w = kernel.dequantize(qw, x.dtype) if path == "dequantize" else qw.dequantize(x.dtype)
+        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, outliers={self.outlier_values.numel()}, bias={self.bias is not None}"
         )
+
+
+def swap_in_quantized(model: nn.Module, weights: dict[str, QuantizedWeight]) -> None:
+    """Replace the ``nn.Linear`` modules named in ``weights`` by :class:`EasyQuantLinear` modules
+    holding those packed weights (and the linears' biases)."""
+    for name, qw in weights.items():
+        lin = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, EasyQuantLinear.from_quantized(qw, lin.bias))

@@ -100,8 +100,11 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         rows, cols = self.shape
-        scale = self.scales.float().repeat_interleave(self.group_size, dim=1)[:, :cols]
-        w = scale * self.codes().float()
+        codes = self.codes().float()
+        if cols % self.group_size == 0:  # a broadcast, no repeated scales
+            w = (codes.view(rows, -1, self.group_size) * self.scales.float()[:, :, None]).view(rows, cols)
+        else:
+            w = self.scales.float().repeat_interleave(self.group_size, dim=1)[:, :cols] * codes
         if self.outlier_count:
             r = torch.repeat_interleave(torch.arange(rows, device=w.device), torch.diff(self.outlier_rowptr.long()))
             w[r, self.outlier_cols.long()] = self.outlier_values.float()

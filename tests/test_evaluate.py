@@ -2,11 +2,13 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import tiny_model
 from easyquant.compare import compare, markdown, write_results
 from easyquant.evaluate import Reference, evaluate, token_windows
 from easyquant.gptq import gptq_weight
+from easyquant.pipeline import quantize_model
 from easyquant.quantize import QuantConfig, quantize_weight
 
 
@@ -65,7 +67,9 @@ def test_gptq_beats_rtn_on_layer_output():
 
 def test_compare_table(tmp_path):
     model = tiny_model("qwen2", tmp_path / "m")
-    fp, rows = compare(model, windows(), windows(n=4, seed=1), ["rtn", "easyquant", "hqq-g64", "gptq"], [4, 3])
+    fp, rows = compare(
+        model, windows(), windows(n=4, seed=1), ["rtn", "easyquant", "hqq-g64", "gptq"], [4, 3], gen_tokens=4
+    )
     assert [(r.method, r.bits) for r in rows] == [
         (m, b) for b in (4, 3) for m in ("rtn", "easyquant", "hqq-g64", "gptq")
     ]
@@ -78,3 +82,14 @@ def test_compare_table(tmp_path):
     assert json.loads((tmp_path / "out" / "compare.json").read_text())["rows"][0]["method"] == "rtn"
     assert (tmp_path / "out" / "compare.png").stat().st_size > 1000
     assert "| easyquant | 3 |" in markdown(fp, rows)
+
+    # Generation is timed where a packed runtime exists: the original and the easyquant format.
+    speeds = {(r.method, r.bits): r.tokens_per_s for r in rows}
+    assert fp.tokens_per_s > 0 and speeds[("easyquant", 4)] > 0 and speeds[("rtn", 3)] > 0
+    assert speeds[("hqq-g64", 4)] is None and speeds[("gptq", 3)] is None
+    # Size is what the checkpoint holds: `easyquant quantize` with the same settings writes exactly that.
+    out = tmp_path / "q"
+    quantize_model(tmp_path / "m", out, QuantConfig(bits=4), progress=False)
+    stored = sum(t.numel() * t.element_size() for f in out.glob("*.safetensors") for t in load_file(f).values())
+    size = next(r.size_mib for r in rows if (r.method, r.bits) == ("easyquant", 4))
+    assert abs(size * 2**20 - stored) < 1 and size < fp.size_mib

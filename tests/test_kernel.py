@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from conftest import heavy_tailed, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
-from easyquant.kernel import KernelConfig, available, qmatmul
-from easyquant.nn import EasyQuantLinear
+from easyquant.kernel import KernelConfig, available, dequantize, qmatmul
+from easyquant.nn import KERNEL_MAX_ROWS, EasyQuantLinear
 from easyquant.pipeline import quantize_model
 from easyquant.qweight import QuantizedWeight, csr_from_mask
 
@@ -139,10 +139,33 @@ def test_model_through_the_kernel(tmp_path):
         ref = model(x).logits
         EasyQuantLinear.backend = "triton"
         try:
-            assert all(layer.uses_kernel(x.float()) for layer in layers)
+            assert all(layer.path(x.float()) == "fused" for layer in layers)
             torch.testing.assert_close(model(x).logits, ref, rtol=1e-4, atol=1e-4)
             y = model.generate(x[:1, :3], max_new_tokens=4, do_sample=False, pad_token_id=0)
         finally:
             EasyQuantLinear.backend = "auto"
     assert y.shape == (1, 7)
-    assert not layers[0].uses_kernel(torch.zeros(1, 64)) or DEVICE == "cuda"
+    assert layers[0].path(torch.zeros(1, 64)) == ("fused" if DEVICE == "cuda" else "torch")
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dequantize_kernel_is_exact(bits, dtype):
+    qw = quantized(50, 300, bits, 64, n_sigma=2.5, seed=bits)
+    if dtype == torch.bfloat16 and DEVICE == "cpu":  # the interpreter truncates fp32 to bf16: one ulp
+        torch.testing.assert_close(dequantize(qw, dtype), qw.dequantize(dtype), rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(dequantize(qw, dtype), qw.dequantize(dtype))
+
+
+def test_long_inputs_dequantize_then_matmul():
+    qw = quantized(40, 64, 4, None, n_sigma=3.0)
+    bias = torch.randn(40, device=DEVICE)
+    layer = EasyQuantLinear.from_quantized(qw, bias)
+    layer.backend = "triton"
+    x = torch.randn(KERNEL_MAX_ROWS + 1, 64, device=DEVICE)
+    assert layer.path(x) == "dequantize" and layer.path(x[:KERNEL_MAX_ROWS]) == "fused"
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, qw.dequantize(), bias))
+    layer.backend = "cuda"
+    with pytest.raises(EasyQuantError, match="backend"):
+        layer(x)
