@@ -1,8 +1,11 @@
 """Kernel benchmark: the fused packed-4-bit + CSR-outlier matmul against fp16 cuBLAS.
 
-Layers: for each weight shape, batch and outlier fraction, in one run, the time of
-``easyquant.kernel.qmatmul``, of the same kernel on the same codes with no outliers, and of
-``torch.nn.functional.linear`` on the fp16 weight; the ratios between them; and the kernel's
+Layers: for each weight shape, batch and outlier fraction, with outliers spread evenly over
+the rows or crowded into some rows as real weights have them, in one run: the time of
+``easyquant.kernel.qmatmul`` with each outlier path (fused into the tiles, or the balanced
+second kernel; "chosen" is the one ``outlier_mode`` picks and the ratios use), of the same
+kernel on the same codes with no outliers, and of ``torch.nn.functional.linear`` on the fp16
+weight; the ratios between them; and the kernel's
 achieved memory bandwidth (every byte it must read: codes, scales, outliers, activations, and
 the output it writes) as a share of the device's peak. On a GPU each time is the median of
 ``triton.testing.do_bench``, which clears the L2 cache before every call, so no weight is
@@ -42,7 +45,7 @@ import transformers
 
 from easyquant import QuantConfig, quantize_weight
 from easyquant.evaluate import generation_speed
-from easyquant.kernel import default_config, qmatmul
+from easyquant.kernel import OUTLIER_MODES, default_config, outlier_mode, qmatmul
 from easyquant.nn import EasyQuantLinear, swap_in_quantized
 from easyquant.packing import pack
 from easyquant.qweight import QuantizedWeight, csr_from_mask
@@ -64,10 +67,19 @@ DECODE_MODELS = {
 }
 
 
-def synthetic(rows: int, cols: int, fraction: float, device: str, bits: int = 4, seed: int = 0) -> QuantizedWeight:
+def synthetic(
+    rows: int, cols: int, fraction: float, device: str, layout: str = "uniform", bits: int = 4, seed: int = 0
+) -> QuantizedWeight:
+    """Random codes and scales; outliers at ``fraction``, spread evenly over the rows
+    (``uniform``) or crowded into some rows as in real weights (``skewed``: each row's share
+    drawn log-normal, which puts several times the mean into the busiest 64-row tiles)."""
     g = torch.Generator(device=device).manual_seed(seed)
     codes = torch.randint(0, 2**bits, (rows, cols), generator=g, device=device, dtype=torch.uint8)
-    mask = torch.rand(rows, cols, generator=g, device=device) < fraction
+    rate = torch.full((rows, 1), fraction, device=device)
+    if layout == "skewed":
+        share = (2.0 * torch.randn(rows, 1, generator=g, device=device)).exp()
+        rate = (fraction * share / share.mean()).clamp(max=1.0)
+    mask = torch.rand(rows, cols, generator=g, device=device) < rate
     codes[mask] = 2 ** (bits - 1)  # the code of 0 where an outlier takes over
     scales = ((torch.rand(rows, 1, generator=g, device=device) + 0.5) * 2e-3).half()
     rowptr, col_idx, values = csr_from_mask(mask, torch.randn(rows, cols, generator=g, device=device) * 0.05)
@@ -114,29 +126,38 @@ def layer_rows(args: argparse.Namespace, device: str, peak: float | None) -> lis
     for n, k in [s for key in args.shapes.split(",") for s in SHAPES[key]]:
         base = synthetic(n, k, 0.0, device)
         w16 = base.dequantize(dtype)
-        for fraction in args.fractions:
-            qw = synthetic(n, k, fraction, device)
-            dense = without_outliers(qw)
+        cases = [(f, layout) for f in args.fractions for layout in (("uniform", "skewed") if f else ("uniform",))]
+        for fraction, layout in cases:
+            qw = synthetic(n, k, fraction, device, layout)
+            dense, mode = without_outliers(qw), outlier_mode(qw)
             for m in args.batches:
                 x = torch.randn(m, k, device=device, dtype=dtype)
                 t_fp16 = time_it(lambda: torch.nn.functional.linear(x, w16))  # noqa: B023
                 t_dense = time_it(lambda: qmatmul(x, dense))  # noqa: B023
-                t_kernel = time_it(lambda: qmatmul(x, qw))  # noqa: B023
+                t = {o: time_it(lambda o=o: qmatmul(x, qw, outliers=o)) for o in OUTLIER_MODES}  # noqa: B023
                 moved = qw.nbytes + x.numel() * x.element_size() + m * n * x.element_size()
-                gbps = moved / t_kernel / 1e9
+                gbps = moved / t[mode] / 1e9
                 cfg = default_config(m, n, k, x.device)
                 rows.append({
-                    "shape": f"{n}x{k}", "batch": m, "outlier_fraction": qw.outlier_fraction,
-                    "fp16_us": t_fp16 * 1e6, "dense_only_us": t_dense * 1e6, "kernel_us": t_kernel * 1e6,
-                    "speedup_vs_fp16": t_fp16 / t_kernel, "outlier_cost": t_kernel / t_dense - 1,
+                    "shape": f"{n}x{k}", "batch": m, "outlier_fraction": qw.outlier_fraction, "layout": layout,
+                    "tile_skew": tile_skew(qw), "mode": mode,
+                    "fp16_us": t_fp16 * 1e6, "dense_only_us": t_dense * 1e6,
+                    "fused_us": t["fused"] * 1e6, "balanced_us": t["balanced"] * 1e6, "kernel_us": t[mode] * 1e6,
+                    "speedup_vs_fp16": t_fp16 / t[mode], "outlier_cost": t[mode] / t_dense - 1,
                     "gbps": gbps, "peak_share": gbps / peak if peak else None,
                     "config": f"m{cfg.block_m} n{cfg.block_n} k{cfg.block_k} split{cfg.split_k}",
                 })  # fmt: skip
                 r = rows[-1]
-                print(f"{r['shape']:>11} b{m:<4} {fraction:6.2%} fp16 {r['fp16_us']:9.1f}us "
-                      f"kernel {r['kernel_us']:9.1f}us x{r['speedup_vs_fp16']:.2f} "
+                print(f"{r['shape']:>11} b{m:<4} {fraction:6.2%} {layout:7s} fp16 {r['fp16_us']:9.1f}us "
+                      f"kernel ({mode}) {r['kernel_us']:9.1f}us x{r['speedup_vs_fp16']:.2f} "
                       f"outliers {r['outlier_cost']:+.1%}", flush=True)  # fmt: skip
     return rows
+
+
+def tile_skew(qw: QuantizedWeight, block_n: int = 64) -> float:
+    """Outliers in the busiest ``block_n``-row tile over the mean tile (1 with none)."""
+    per_tile = torch.diff(qw.outlier_rowptr[::block_n].long()).float()
+    return (per_tile.max() / per_tile.mean()).item() if qw.outlier_count and len(per_tile) else 1.0
 
 
 def decode_row(name: str, device: str, new_tokens: int) -> dict:
@@ -199,15 +220,16 @@ def main() -> None:
           f"{'fp16' if on_gpu else 'fp32'}")  # fmt: skip
     ref = "fp16" if on_gpu else "fp32"
     print(
-        f"| shape | batch | outliers | {ref} matmul (us) | dense only (us) | kernel (us) | x {ref} | outlier cost "
-        "| GB/s | % of peak | tiles |"
+        f"| shape | batch | outliers | layout (tile skew) | {ref} matmul (us) | dense only (us) | fused (us) "
+        f"| balanced (us) | chosen | x {ref} | outlier cost | GB/s | % of peak | tiles |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         share = f"{r['peak_share']:.0%}" if r["peak_share"] else "-"
-        print(f"| {r['shape']} | {r['batch']} | {r['outlier_fraction']:.2%} | {r['fp16_us']:.1f} | "
-              f"{r['dense_only_us']:.1f} | {r['kernel_us']:.1f} | {r['speedup_vs_fp16']:.2f} | "
-              f"{r['outlier_cost']:+.1%} | {r['gbps']:.1f} | {share} | {r['config']} |")  # fmt: skip
+        print(f"| {r['shape']} | {r['batch']} | {r['outlier_fraction']:.2%} | {r['layout']} ({r['tile_skew']:.1f}) "
+              f"| {r['fp16_us']:.1f} | {r['dense_only_us']:.1f} | {r['fused_us']:.1f} | {r['balanced_us']:.1f} "
+              f"| {r['mode']} | {r['speedup_vs_fp16']:.2f} | {r['outlier_cost']:+.1%} | {r['gbps']:.1f} | {share} "
+              f"| {r['config']} |")  # fmt: skip
     if decode:
         print(f"\n| model | new tokens | {ref} tok/s | easyquant tok/s | speed-up | {ref} GiB | easyquant GiB |")
         print("|---|---|---|---|---|---|---|")

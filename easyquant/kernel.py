@@ -2,7 +2,7 @@
 
 ``y = x @ W.T`` where ``W = scales * (codes + qmin)`` with the fp16 outliers written over it.
 Because outlier positions hold the code of 0 (see :mod:`easyquant.qweight`), the product
-splits exactly into a dense part and a sparse part, and both are summed in one kernel:
+splits exactly into a dense part and a sparse part:
 
 - dense: each program owns a ``(BLOCK_M, BLOCK_N)`` tile of ``y``, streams the packed codes
   of its ``BLOCK_N`` weight rows ``BLOCK_K`` columns at a time, unpacks them in registers
@@ -13,7 +13,12 @@ splits exactly into a dense part and a sparse part, and both are summed in one k
 - sparse: the outliers of rows ``[n0, n0 + BLOCK_N)`` are one contiguous CSR segment. It is
   cut into chunks of ``BLOCK_NNZ``; each chunk gathers ``x[:, col]``, scales by the values
   and adds into the tile through a one-hot ``(BLOCK_NNZ, BLOCK_N)`` matrix of row membership.
-  So a row's cost follows its own outlier count, never the longest row's.
+  So a row's cost follows its own outlier count, never the longest row's; but a tile whose
+  rows hold many outliers keeps its program busy longer. Real weights do crowd outliers into
+  some rows, so where the busiest tile holds over ``BALANCE_ABOVE`` times the mean
+  (:func:`outlier_mode`), the outliers go instead to a second, balanced kernel: every program
+  takes the same number of them, finds their rows by bisecting the row pointers, and adds
+  them atomically.
 
 Split-K (``split_k > 1``) gives decode shapes enough programs to fill the GPU: programs
 ``pid_k = 0..split_k-1`` of a tile take every ``split_k``-th K block and every ``split_k``-th
@@ -42,6 +47,12 @@ except ImportError:  # the CPU path in nn.py needs none of this
     triton = None
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# "fused": each tile adds its own rows' outliers; "balanced": a second kernel gives every program
+# the same number of outliers, whatever rows they fall on, and adds them atomically.
+OUTLIER_MODES = ("fused", "balanced")
+# Real weights crowd their outliers into some rows (RESULTS.md: up to 5x the mean per 64-row
+# tile on SmolLM2); past this ratio a fused tile would keep its program busy that much longer.
+BALANCE_ABOVE = 2.0
 
 
 def interpreting() -> bool:
@@ -71,6 +82,7 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    outliers: str = "fused"  # or "balanced": see OUTLIER_MODES
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "block_nnz"):
@@ -81,6 +93,8 @@ class KernelConfig:
             raise EasyQuantError("KernelConfig: block_n, block_k and block_nnz must be at least 16")
         if self.split_k < 1:
             raise EasyQuantError(f"KernelConfig.split_k must be at least 1, got {self.split_k}")
+        if self.outliers not in OUTLIER_MODES:
+            raise EasyQuantError(f"KernelConfig.outliers must be one of {OUTLIER_MODES}, got {self.outliers!r}")
 
 
 @functools.cache
@@ -90,7 +104,19 @@ def _multiprocessors(device: torch.device) -> int:
     return 8  # the interpreter: any small number exercises split-K
 
 
-def default_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
+def outlier_mode(qw: QuantizedWeight, block_n: int = 64) -> str:
+    """``"balanced"`` when the busiest ``block_n``-row tile holds more than ``BALANCE_ABOVE``
+    times the mean tile's outliers, else ``"fused"``. Reads the row pointers (a device sync):
+    decide once per weight, as :class:`~easyquant.nn.EasyQuantLinear` does."""
+    if qw.outlier_count == 0:
+        return "fused"
+    ptr = qw.outlier_rowptr
+    edges = torch.cat([ptr[::block_n], ptr[-1:]]) if (len(ptr) - 1) % block_n else ptr[::block_n]
+    per_tile = torch.diff(edges.long()).float()
+    return "balanced" if (per_tile.max() / per_tile.mean()).item() > BALANCE_ABOVE else "fused"
+
+
+def default_config(m: int, n: int, k: int, device: torch.device, outliers: str = "fused") -> KernelConfig:
     """Decode shapes (few rows): thin tiles and split-K until about two waves of programs;
     prefill shapes: square tensor-core tiles."""
     if m <= 8:
@@ -101,7 +127,7 @@ def default_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig
         block_m, block_n, block_k = 64, 64, 64
     tiles = max(1, math.ceil(m / block_m) * math.ceil(n / block_n))
     split = max(1, min(2 * _multiprocessors(device) // tiles, math.ceil(k / block_k), 16))
-    return KernelConfig(block_m, block_n, block_k, split_k=split)
+    return KernelConfig(block_m, block_n, block_k, split_k=split, outliers=outliers)
 
 
 if triton is not None:
@@ -194,6 +220,29 @@ if triton is not None:
             tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit
+    def _outlier_kernel(
+        x_ptr, y_ptr, rowptr_ptr, cols_ptr, vals_ptr, M, N, nnz, stride_xm, stride_ym,
+        SEARCH_STEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NNZ: tl.constexpr,
+    ):  # fmt: skip
+        """``y[:, row] += val * x[:, col]`` for outliers ``[pid * BLOCK_NNZ, ...)``, into fp32 ``y``."""
+        j = tl.program_id(0) * BLOCK_NNZ + tl.arange(0, BLOCK_NNZ)
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        j_mask, m_mask = j < nnz, rm < M
+        # Each outlier's row: the last r with rowptr[r] <= j, by bisection (rowptr[lo] <= j < rowptr[hi]).
+        lo = tl.zeros((BLOCK_NNZ,), dtype=tl.int32)
+        hi = lo + N
+        for _ in tl.static_range(SEARCH_STEPS):
+            mid = (lo + hi) // 2
+            go = tl.load(rowptr_ptr + mid, mask=j_mask, other=0) <= j
+            lo, hi = tl.where(go, mid, lo), tl.where(go, hi, mid)
+        col = tl.load(cols_ptr + j, mask=j_mask, other=0).to(tl.int32)
+        val = tl.load(vals_ptr + j, mask=j_mask, other=0.0).to(tl.float32)
+        mask = m_mask[:, None] & j_mask[None, :]
+        xg = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + col[None, :], mask=mask, other=0.0)
+        y = y_ptr + rm[:, None].to(tl.int64) * stride_ym + lo[None, :]
+        tl.atomic_add(y, xg.to(tl.float32) * val[None, :], mask=mask)
+
+    @triton.jit
     def _dequantize_kernel(
         w_ptr, packed_ptr, scales_ptr, N, K, row_bytes, n_groups,
         BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -234,9 +283,14 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def qmatmul(
-    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, config: KernelConfig | None = None
+    x: torch.Tensor,
+    qw: QuantizedWeight,
+    bias: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+    outliers: str = "fused",
 ) -> torch.Tensor:
-    """``x @ qw.dequantize().T + bias`` without materialising the weight. ``x``: ``(..., in)``."""
+    """``x @ qw.dequantize().T + bias`` without materialising the weight. ``x``: ``(..., in)``.
+    ``config`` defaults to :func:`default_config` with the given ``outliers`` mode."""
     _check_available(x)
     n, k = qw.shape
     if x.shape[-1] != k:
@@ -245,11 +299,15 @@ def qmatmul(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    cfg = config or default_config(m, n, k, x.device)
+    cfg = config or default_config(m, n, k, x.device, outliers)
+    balanced = cfg.outliers == "balanced" and qw.outlier_count > 0
     atomic = cfg.split_k > 1
-    y = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else x.new_empty(m, n)
+    if atomic:
+        y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    else:  # fp32 when the outlier kernel adds into it afterwards
+        y = torch.empty(m, n, dtype=torch.float32 if balanced else x.dtype, device=x.device)
     if m:
-        has_outliers = qw.outlier_count > 0
+        has_outliers = qw.outlier_count > 0 and not balanced
         # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584):
         # there, dot the same bf16 values in fp32, which is what the GPU's bf16 MMA accumulates.
         interpreted_bf16 = x.dtype == torch.bfloat16 and not x.is_cuda
@@ -264,6 +322,14 @@ def qmatmul(
             UPCAST=interpreted_bf16,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
+        if balanced:
+            block_m = min(triton.next_power_of_2(m), 16)
+            grid = (triton.cdiv(qw.outlier_count, cfg.block_nnz), triton.cdiv(m, block_m))
+            _outlier_kernel[grid](
+                x2, y, qw.outlier_rowptr, qw.outlier_cols, qw.outlier_values, m, n, qw.outlier_count,
+                x2.stride(0), y.stride(0), SEARCH_STEPS=max(1, n.bit_length()), BLOCK_M=block_m,
+                BLOCK_NNZ=cfg.block_nnz,
+            )  # fmt: skip
     y = y.to(x.dtype)
     if bias is not None:
         y += bias.to(x.dtype)

@@ -47,6 +47,7 @@ class EasyQuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.dtype = bits, min(group_size, in_features), dtype
+        self.outlier_mode: str | None = None  # the kernel's outlier path, chosen at the first fused call
         kw = {"device": device}
         self.packed = _frozen(torch.zeros(out_features, packed_cols(in_features, bits), dtype=torch.uint8, **kw))
         self.scales = _frozen(
@@ -88,7 +89,9 @@ class EasyQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qw, path = self.quantized_weight(), self.path(x)
         if path == "fused":
-            return kernel.qmatmul(x, qw, self.bias)
+            if self.outlier_mode is None:  # decided once: it reads the row pointers
+                self.outlier_mode = kernel.outlier_mode(qw)
+            return kernel.qmatmul(x, qw, self.bias, outliers=self.outlier_mode)
         w = kernel.dequantize(qw, x.dtype) if path == "dequantize" else qw.dequantize(x.dtype)
         return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 

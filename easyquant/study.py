@@ -54,23 +54,38 @@ def _layer_and_type(name: str) -> tuple[int, str]:
     return (int(m.group(1)) if m else -1), name.rsplit(".", 1)[-1]
 
 
-def outlier_map(linears: list[tuple[str, nn.Linear]], n_sigma: float, scope: str = "tensor") -> dict:
-    """Outlier fraction of every linear, grouped by module type and by layer."""
+def outlier_map(
+    linears: list[tuple[str, nn.Linear]], n_sigma: float, scope: str = "tensor", tile_rows: int = 64
+) -> dict:
+    """Outlier fraction of every linear, grouped by module type and by layer; and, by module
+    type, how unevenly they fall on output rows and on tiles of ``tile_rows`` rows (the GPU
+    kernel's unit of work): mean and largest count per row, largest tile over the mean tile."""
     cells: dict[tuple[int, str], float] = {}
     by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     by_layer: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    rows: dict[str, dict[str, float]] = defaultdict(lambda: {"rows": 0, "max_row": 0, "max_tile_over_mean": 0.0})
     for name, lin in linears:
         w = lin.weight.data.float()
-        n = int(sigma_mask(w, n_sigma, scope).sum())
+        per_row = sigma_mask(w, n_sigma, scope).sum(dim=1)
+        n = int(per_row.sum())
         layer, kind = _layer_and_type(name)
         cells[(layer, kind)] = n / w.numel()
         for acc in (by_type[kind], by_layer[layer]):
             acc[0] += n
             acc[1] += w.numel()
+        tiles = torch.nn.functional.pad(per_row, (0, -len(per_row) % tile_rows)).view(-1, tile_rows).sum(1).float()
+        r = rows[kind]
+        r["rows"] += len(per_row)
+        r["max_row"] = max(r["max_row"], int(per_row.max()))
+        if n:
+            r["max_tile_over_mean"] = max(r["max_tile_over_mean"], (tiles.max() / tiles.mean()).item())
+    per_row_stats = {k: {**r, "mean_row": by_type[k][0] / r["rows"]} for k, r in rows.items()}
     return {
         "cells": {f"{layer}:{kind}": f for (layer, kind), f in cells.items()},
         "by_type": {k: n / t for k, (n, t) in by_type.items()},
         "by_layer": {k: n / t for k, (n, t) in sorted(by_layer.items())},
+        "rows_by_type": per_row_stats,
+        "tile_rows": tile_rows,
     }
 
 
@@ -80,8 +95,14 @@ def outliers_report(linears: list[tuple[str, nn.Linear]], n_sigma: float, out: P
     (out / "outliers.json").write_text(json.dumps(res, indent=1))
     types = list(res["by_type"])
     layers = list(res["by_layer"])
-    lines = ["| module type | outlier fraction |", "|---|---|"]
-    lines += [f"| {k} | {v:.3%} |" for k, v in res["by_type"].items()]
+    lines = [
+        f"| module type | outlier fraction | outliers per row: mean | max "
+        f"| largest {res['tile_rows']}-row tile / mean |",
+        "|---|---|---|---|---|",
+    ]
+    for k, v in res["by_type"].items():
+        r = res["rows_by_type"][k]
+        lines.append(f"| {k} | {v:.3%} | {r['mean_row']:.1f} | {r['max_row']} | {r['max_tile_over_mean']:.2f} |")
     lines += ["", "| layer | " + " | ".join(types) + " | all |", "|---" * (len(types) + 2) + "|"]
     for layer in layers:
         cells = [res["cells"].get(f"{layer}:{t}") for t in types]

@@ -24,7 +24,9 @@ def test_kernel_bench_reduced_form(tmp_path):
     result = json.loads(out.read_text())
     assert result["meta"]["interpreted"] is True
     layers = result["layers"]
-    assert len(layers) == 2 * 2 * 2  # shapes x fractions x batches
+    assert len(layers) == 2 * 3 * 2  # shapes x (no outliers, uniform, skewed) x batches
+    assert {r["layout"] for r in layers} == {"uniform", "skewed"}
+    assert all(r["fused_us"] > 0 and r["balanced_us"] > 0 for r in layers)
     assert {r["shape"] for r in layers} == {"256x512", "512x256"}
     assert all(r["kernel_us"] > 0 and r["speedup_vs_fp16"] > 0 for r in layers)
     assert any(r["outlier_fraction"] > 0.005 for r in layers)

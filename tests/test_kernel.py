@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from conftest import heavy_tailed, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
-from easyquant.kernel import KernelConfig, available, dequantize, qmatmul
+from easyquant.kernel import KernelConfig, available, dequantize, outlier_mode, qmatmul
 from easyquant.nn import KERNEL_MAX_ROWS, EasyQuantLinear
+from easyquant.packing import pack
 from easyquant.pipeline import quantize_model
 from easyquant.qweight import QuantizedWeight, csr_from_mask
 
@@ -93,8 +94,6 @@ def test_skewed_outliers_and_wide_rows():
     rowptr, col_idx, values = csr_from_mask(mask, w * 50)
     codes = qw.codes()
     assert col_idx.dtype == torch.int16
-    from easyquant.packing import pack
-
     packed = pack((codes.masked_fill(mask, 0) - qw.grid.qmin).to(torch.uint8), 4)
     qw = QuantizedWeight(packed, qw.scales, rowptr, col_idx, values, 4, cols, (rows, cols), torch.float32).to(DEVICE)
     x = torch.randn(5, cols, dtype=torch.float32, device=DEVICE)
@@ -169,3 +168,27 @@ def test_long_inputs_dequantize_then_matmul():
     layer.backend = "cuda"
     with pytest.raises(EasyQuantError, match="backend"):
         layer(x)
+
+
+def test_balanced_outliers_match_fused():
+    """The balanced outlier kernel gives what the fused path gives, on crowded and on even rows,
+    and outlier_mode picks it exactly for the crowded ones."""
+    rows, cols = 150, 300
+    w = heavy_tailed(rows, cols, seed=4)
+    mask = torch.rand(rows, cols, generator=torch.Generator().manual_seed(4)) < 0.01
+    crowded = mask.clone()
+    crowded[7:9] = True  # two rows of nothing but outliers
+    for m, expect in ((mask, "fused"), (crowded, "balanced")):
+        qw = quantize_weight(w, QuantConfig(bits=4, n_sigma=None, solver="rtn"))
+        rowptr, col_idx, values = csr_from_mask(m, w * 30)
+        packed = pack((qw.codes().masked_fill(m, 0) - qw.grid.qmin).to(torch.uint8), 4)
+        qw = QuantizedWeight(packed, qw.scales, rowptr, col_idx, values, 4, cols, (rows, cols), torch.float32)
+        qw = qw.to(DEVICE)
+        assert outlier_mode(qw) == expect
+        x = torch.randn(19, cols, dtype=torch.float32, device=DEVICE)
+        for cfg in (KernelConfig(16, 32, 64, 16, outliers="balanced"),
+                    KernelConfig(1, 64, 128, 32, split_k=3, outliers="balanced")):  # fmt: skip
+            check(qmatmul(x, qw, config=cfg), x, qw)
+            check(qmatmul(x[:1], qw, config=cfg), x[:1], qw)
+    with pytest.raises(EasyQuantError, match="outliers must be"):
+        KernelConfig(16, 32, 64, outliers="sorted")

@@ -19,6 +19,11 @@ def test_outlier_map_groups_by_type_and_layer(tmp_path):
     assert set(res["by_layer"]) == {0, 1}
     w = dict(linears)["model.layers.1.mlp.up_proj"].weight.data
     assert res["cells"]["1:up_proj"] == pytest.approx(sigma_mask(w, 2.0).float().mean().item())
+    ups = [sigma_mask(lin.weight.data, 2.0).sum(1) for n, lin in linears if n.endswith("up_proj")]
+    stats = res["rows_by_type"]["up_proj"]
+    assert stats["max_row"] == max(int(c.max()) for c in ups)
+    assert stats["mean_row"] == pytest.approx(sum(int(c.sum()) for c in ups) / sum(len(c) for c in ups))
+    assert stats["max_tile_over_mean"] >= 1.0
     table = outliers_report(linears, 2.0, tmp_path / "out", "tiny")
     assert "| down_proj |" in table
     assert (tmp_path / "out" / "outliers.png").stat().st_size > 1000
