@@ -116,6 +116,7 @@ def outlier_mode(qw: QuantizedWeight, block_n: int = 64) -> str:
     return "balanced" if (per_tile.max() / per_tile.mean()).item() > BALANCE_ABOVE else "fused"
 
 
+@functools.cache  # called on every forward: keep it off the decode path's CPU time
 def default_config(m: int, n: int, k: int, device: torch.device, outliers: str = "fused") -> KernelConfig:
     """Decode shapes (few rows): thin tiles and split-K until about two waves of programs;
     prefill shapes: square tensor-core tiles."""
