@@ -5,7 +5,8 @@ indices), relative reconstruction error ||W - Q[W]|| / ||W||, outlier fraction, 
 weights per second. Matrices: nn.Linear weights of SmolLM2-135M-Instruct (real weights, but
 stored as GGUF Q4_1, i.e. 4-bit quantized once already) and 7B-shaped Student-t matrices.
 
-    python bench/core.py [--quick] [--device cpu|cuda] [--json bench/results/core.json]
+    python bench/core.py [--quick] [--device cpu|cuda] [--sets smollm2,minilm,synthetic] [--no-hqq]
+                         [--json bench/results/core.json]
 """
 
 from __future__ import annotations
@@ -99,13 +100,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two real layers and one small synthetic matrix")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sets", default="smollm2,minilm,synthetic",
+                    help="matrix sets (synthetic alone needs no data packages, e.g. on the GPU machine)")  # fmt: skip
+    ap.add_argument("--no-hqq", action="store_true", help="leave out HQQ (where the hqq package is missing)")
     ap.add_argument("--json", type=Path, default=Path("bench/results/core.json"))
     args = ap.parse_args()
 
-    if args.quick:
-        mats = {**smollm2_linears([0]), **minilm_linears(), **synthetic([(1024, 1024)])}
-    else:
-        mats = {**smollm2_linears([0, 10, 20, 29]), **minilm_linears(), **synthetic([(4096, 4096), (11008, 4096)])}
+    sets = args.sets.split(",")
+    loaders = {
+        "smollm2": lambda: smollm2_linears([0] if args.quick else [0, 10, 20, 29]),
+        "minilm": minilm_linears,
+        "synthetic": lambda: synthetic([(1024, 1024)] if args.quick else [(4096, 4096), (11008, 4096)]),
+    }
+    mats = {k: v for name in sets for k, v in loaders[name]().items()}
     labels = {"smollm2": "SmolLM2 layers 0,10,20,29 (Q4_1 source)", "minilm": "all-MiniLM-L6-v2 (fp32 source)"}
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for name, w in mats.items():
@@ -116,6 +123,10 @@ def main() -> None:
     for group_name, ws in groups.items():
         total = sum(w.numel() for w in ws.values())
         for method, fn in methods(args.bits).items():
+            if args.no_hqq and method.startswith("hqq"):
+                continue
+            if args.device == "cuda":
+                fn(next(iter(ws.values())))  # warm-up: kernels compiled and cached before the clock starts
             err2 = ref2 = bits = outl = 0.0
             seconds = 0.0
             for w in ws.values():

@@ -271,3 +271,24 @@ def test_ray_executor_matches_local(tmp_path):
     finally:
         ray.shutdown()
     assert _checkpoint_bytes(tmp_path / "local") == _checkpoint_bytes(tmp_path / "ray")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (runs in GPU sessions: scripts/gpu_session.sh)")
+def test_quantize_on_cuda(tmp_path):
+    """--device cuda (one worker per GPU) gives a checkpoint that loads on the GPU, runs through
+    the kernel and agrees with the CPU-made one."""
+    src = tmp_path / "src"
+    tiny_model("llama", src)
+    cfg = QuantConfig(bits=4, group_size=32)
+    quantize_model(src, tmp_path / "cpu", cfg, progress=False)
+    summary = quantize_model(src, tmp_path / "gpu", cfg, device="cuda", progress=False)
+    assert summary.layers
+    x = torch.randint(0, 128, (2, 12), device="cuda")
+    logits = []
+    for out in ("cpu", "gpu"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / out, dtype=torch.float16).cuda().eval()
+        layer = next(m for m in model.modules() if isinstance(m, EasyQuantLinear))
+        assert layer.path(torch.zeros(1, layer.in_features, device="cuda", dtype=torch.float16)) == "fused"
+        with torch.no_grad():
+            logits.append(model(x).logits.float())
+    torch.testing.assert_close(logits[0], logits[1], rtol=2e-2, atol=2e-2)
