@@ -35,9 +35,9 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of :func:`pack`: ``(rows, cols)`` uint8 codes."""
     rows = packed.shape[0]
     if 8 % bits == 0:  # whole codes per byte, lowest bits first: byte-wide shifts, no int64 temporaries
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return codes.reshape(rows, -1)[:, :cols].contiguous()
+        mask = (1 << bits) - 1
+        codes = torch.stack([(packed >> shift) & mask for shift in range(0, 8, bits)], dim=-1).reshape(rows, -1)
+        return codes if codes.shape[1] == cols else codes[:, :cols].contiguous()
     x = packed.to(torch.int64).view(rows, -1, bits)
     stream = (x << (torch.arange(bits, device=packed.device) * 8)).sum(dim=2, keepdim=True)
     codes = (stream >> (torch.arange(8, device=packed.device) * bits)) & ((1 << bits) - 1)

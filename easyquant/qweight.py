@@ -100,11 +100,11 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         rows, cols = self.shape
-        codes = self.codes().float()
+        w = unpack(self.packed, self.bits, cols).float().add_(self.grid.qmin)  # in place: one full-size buffer
         if cols % self.group_size == 0:  # a broadcast, no repeated scales
-            w = (codes.view(rows, -1, self.group_size) * self.scales.float()[:, :, None]).view(rows, cols)
+            w.view(rows, -1, self.group_size).mul_(self.scales.float()[:, :, None])
         else:
-            w = self.scales.float().repeat_interleave(self.group_size, dim=1)[:, :cols] * codes
+            w.mul_(self.scales.float().repeat_interleave(self.group_size, dim=1)[:, :cols])
         if self.outlier_count:
             r = torch.repeat_interleave(torch.arange(rows, device=w.device), torch.diff(self.outlier_rowptr.long()))
             w[r, self.outlier_cols.long()] = self.outlier_values.float()
