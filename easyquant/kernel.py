@@ -296,6 +296,8 @@ def qmatmul(
     n, k = qw.shape
     if x.shape[-1] != k:
         raise EasyQuantError(f"activations have {x.shape[-1]} features, the weight expects {k}")
+    if qw.packed.device != x.device:
+        raise EasyQuantError(f"activations are on {x.device}, the quantized weight on {qw.packed.device}")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

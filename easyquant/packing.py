@@ -38,7 +38,9 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
         mask = (1 << bits) - 1
         codes = torch.stack([(packed >> shift) & mask for shift in range(0, 8, bits)], dim=-1).reshape(rows, -1)
         return codes if codes.shape[1] == cols else codes[:, :cols].contiguous()
-    x = packed.to(torch.int64).view(rows, -1, bits)
-    stream = (x << (torch.arange(bits, device=packed.device) * 8)).sum(dim=2, keepdim=True)
-    codes = (stream >> (torch.arange(8, device=packed.device) * bits)) & ((1 << bits) - 1)
+    # Each block of `bits` bytes as one integer (24 bits fit int32 at 3 bits), then 8 shifts.
+    wide = torch.int32 if bits <= 3 else torch.int64
+    x = packed.to(wide).view(rows, -1, bits)
+    stream = sum(x[..., i] << (8 * i) for i in range(bits))
+    codes = torch.stack([(stream >> (bits * i)) & ((1 << bits) - 1) for i in range(8)], dim=-1)
     return codes.to(torch.uint8).reshape(rows, -1)[:, :cols]

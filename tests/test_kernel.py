@@ -118,6 +118,8 @@ def test_bad_input_is_refused():
         qmatmul(torch.randn(2, 32, device=DEVICE), qw)
     with pytest.raises(EasyQuantError, match="activations"):
         qmatmul(torch.randn(2, 64, device=DEVICE).to(torch.float64), qw)
+    with pytest.raises(EasyQuantError, match="quantized weight on"):
+        qmatmul(torch.randn(2, 64, device=DEVICE), qw.to("meta"))
     with pytest.raises(EasyQuantError, match="power of two"):
         KernelConfig(16, 48, 64)
     with pytest.raises(EasyQuantError, match="at least 16"):
