@@ -45,7 +45,7 @@ import transformers
 
 from easyquant import QuantConfig, quantize_weight
 from easyquant.evaluate import generation_speed
-from easyquant.kernel import OUTLIER_MODES, default_config, outlier_mode, qmatmul
+from easyquant.kernel import OUTLIER_MODES, default_config, outlier_mode, qmatmul, tile_skew
 from easyquant.nn import EasyQuantLinear, swap_in_quantized
 from easyquant.packing import pack
 from easyquant.qweight import QuantizedWeight, csr_from_mask
@@ -129,7 +129,7 @@ def layer_rows(args: argparse.Namespace, device: str, peak: float | None) -> lis
         cases = [(f, layout) for f in args.fractions for layout in (("uniform", "skewed") if f else ("uniform",))]
         for fraction, layout in cases:
             qw = synthetic(n, k, fraction, device, layout)
-            dense, mode = without_outliers(qw), outlier_mode(qw)
+            dense, mode, skew = without_outliers(qw), outlier_mode(qw), tile_skew(qw)
             for m in args.batches:
                 x = torch.randn(m, k, device=device, dtype=dtype)
                 t_fp16 = time_it(lambda: torch.nn.functional.linear(x, w16))  # noqa: B023
@@ -140,7 +140,7 @@ def layer_rows(args: argparse.Namespace, device: str, peak: float | None) -> lis
                 cfg = default_config(m, n, k, x.device)
                 rows.append({
                     "shape": f"{n}x{k}", "batch": m, "outlier_fraction": qw.outlier_fraction, "layout": layout,
-                    "tile_skew": tile_skew(qw), "mode": mode,
+                    "tile_skew": skew, "mode": mode,
                     "fp16_us": t_fp16 * 1e6, "dense_only_us": t_dense * 1e6,
                     "fused_us": t["fused"] * 1e6, "balanced_us": t["balanced"] * 1e6, "kernel_us": t[mode] * 1e6,
                     "speedup_vs_fp16": t_fp16 / t[mode], "outlier_cost": t[mode] / t_dense - 1,
@@ -152,12 +152,6 @@ def layer_rows(args: argparse.Namespace, device: str, peak: float | None) -> lis
                       f"kernel ({mode}) {r['kernel_us']:9.1f}us x{r['speedup_vs_fp16']:.2f} "
                       f"outliers {r['outlier_cost']:+.1%}", flush=True)  # fmt: skip
     return rows
-
-
-def tile_skew(qw: QuantizedWeight, block_n: int = 64) -> float:
-    """Outliers in the busiest ``block_n``-row tile over the mean tile (1 with none)."""
-    per_tile = torch.diff(qw.outlier_rowptr[::block_n].long()).float()
-    return (per_tile.max() / per_tile.mean()).item() if qw.outlier_count and len(per_tile) else 1.0
 
 
 def decode_row(name: str, device: str, new_tokens: int) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from .evaluate import Reference, evaluate, generation_speed
 from .gptq import gptq_model
 from .nn import swap_in_quantized
 from .peers import hqq_quantize
+from .plots import save_plot
 from .quantize import QuantConfig, quantize_weight
 from .qweight import QuantizedWeight
 from .targets import block_linears
@@ -166,8 +166,9 @@ def compare(
     each timed model generates from the first 16 of the first window (0: no timing)."""
     runs = {name: resolve(name) for name in methods}
     model.eval()
-    originals = [lin.weight.data.float() for _, lin in block_linears(model)]
-    linear_bytes = sum(lin.weight.numel() * lin.weight.element_size() for _, lin in block_linears(model))
+    weights = [lin.weight for _, lin in block_linears(model)]
+    originals = [w.data.float() for w in weights]
+    linear_bytes = sum(w.numel() * w.element_size() for w in weights)
     other_bytes = _tensor_bytes(model) - linear_bytes
     prompt = windows[:1, :16]
 
@@ -230,24 +231,17 @@ def markdown(fp: Row, rows: list[Row]) -> str:
 
 
 def plot(rows: list[Row], path: Path, title: str) -> None:
-    import matplotlib
+    def draw(fig, ax) -> None:
+        for name in dict.fromkeys(r.method for r in rows):
+            pts = sorted((r.bits_per_weight, r.kl_mean) for r in rows if r.method == name)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+        ax.set_xlabel("bits per weight (all overheads)")
+        ax.set_ylabel("mean KL divergence from full precision")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in dict.fromkeys(r.method for r in rows):
-        pts = sorted((r.bits_per_weight, r.kl_mean) for r in rows if r.method == name)
-        ax.plot(*zip(*pts, strict=True), marker="o", label=name)
-    ax.set_xlabel("bits per weight (all overheads)")
-    ax.set_ylabel("mean KL divergence from full precision")
-    ax.set_yscale("log")
-    ax.set_title(textwrap.fill(title, 100), fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(path, draw, title)
 
 
 def write_results(out: Path, fp: Row, rows: list[Row], meta: dict, title: str) -> None:

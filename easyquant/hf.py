@@ -90,8 +90,7 @@ def replace_linears(model: nn.Module, qconfig: EasyQuantConfig, dtype: torch.dty
             dtype,
             device,
         )
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
+        model.set_submodule(name, q)
 
 
 def register() -> None:

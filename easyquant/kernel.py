@@ -104,16 +104,21 @@ def _multiprocessors(device: torch.device) -> int:
     return 8  # the interpreter: any small number exercises split-K
 
 
-def outlier_mode(qw: QuantizedWeight, block_n: int = 64) -> str:
-    """``"balanced"`` when the busiest ``block_n``-row tile holds more than ``BALANCE_ABOVE``
-    times the mean tile's outliers, else ``"fused"``. Reads the row pointers (a device sync):
-    decide once per weight, as :class:`~easyquant.nn.EasyQuantLinear` does."""
+def tile_skew(qw: QuantizedWeight, block_n: int = 64) -> float:
+    """Outliers in the busiest ``block_n``-row tile over the mean tile (1.0 with none).
+    Reads the row pointers: a device sync."""
     if qw.outlier_count == 0:
-        return "fused"
+        return 1.0
     ptr = qw.outlier_rowptr
     edges = torch.cat([ptr[::block_n], ptr[-1:]]) if (len(ptr) - 1) % block_n else ptr[::block_n]
     per_tile = torch.diff(edges.long()).float()
-    return "balanced" if (per_tile.max() / per_tile.mean()).item() > BALANCE_ABOVE else "fused"
+    return (per_tile.max() / per_tile.mean()).item()
+
+
+def outlier_mode(qw: QuantizedWeight, block_n: int = 64) -> str:
+    """``"balanced"`` when :func:`tile_skew` is over ``BALANCE_ABOVE``, else ``"fused"``.
+    Decide once per weight, as :class:`~easyquant.nn.EasyQuantLinear` does."""
+    return "balanced" if tile_skew(qw, block_n) > BALANCE_ABOVE else "fused"
 
 
 @functools.cache  # called on every forward: keep it off the decode path's CPU time
@@ -277,10 +282,7 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     _dequantize_kernel[grid](w, qw.packed, qw.scales, n, k, qw.packed.shape[1], qw.scales.shape[1],
                              BITS=qw.bits, GROUP=qw.group_size, BLOCK_N=block_n, BLOCK_K=block_k)  # fmt: skip
-    if qw.outlier_count:
-        rows = torch.repeat_interleave(torch.arange(n, device=w.device), torch.diff(qw.outlier_rowptr.long()))
-        w[rows, qw.outlier_cols.long()] = qw.outlier_values.to(dtype)
-    return w
+    return qw.write_outliers(w)
 
 
 def qmatmul(

@@ -5,9 +5,9 @@ checkpoint, so a state dict loads straight into it. On a GPU with Triton, inputs
 ``KERNEL_MAX_ROWS`` rows (decode and short prefill) go through the fused kernel of
 :mod:`easyquant.kernel`, which reads only the packed weight; longer inputs dequantize the
 weight with its Triton dequantizer and use cuBLAS. On the CPU the weight is dequantized on
-the fly in torch. Either way memory stays at the packed size between calls. ``backend`` overrides the
-choice per module: ``"auto"``, ``"triton"`` (also on the CPU under ``TRITON_INTERPRET=1``)
-or ``"torch"``.
+the fly in torch. Either way memory stays at the packed size between calls. ``backend``
+overrides the choice per module: ``"auto"``, ``"triton"`` (also on the CPU under
+``TRITON_INTERPRET=1``) or ``"torch"``.
 """
 
 from __future__ import annotations
@@ -106,6 +106,4 @@ def swap_in_quantized(model: nn.Module, weights: dict[str, QuantizedWeight]) -> 
     """Replace the ``nn.Linear`` modules named in ``weights`` by :class:`EasyQuantLinear` modules
     holding those packed weights (and the linears' biases)."""
     for name, qw in weights.items():
-        lin = model.get_submodule(name)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, EasyQuantLinear.from_quantized(qw, lin.bias))
+        model.set_submodule(name, EasyQuantLinear.from_quantized(qw, model.get_submodule(name).bias))

@@ -105,10 +105,15 @@ class QuantizedWeight:
             w.view(rows, -1, self.group_size).mul_(self.scales.float()[:, :, None])
         else:
             w.mul_(self.scales.float().repeat_interleave(self.group_size, dim=1)[:, :cols])
+        return self.write_outliers(w).to(dtype or self.dtype)
+
+    def write_outliers(self, w: torch.Tensor) -> torch.Tensor:
+        """Write the outliers over the dense ``(rows, cols)`` weight ``w`` in place; returns ``w``."""
         if self.outlier_count:
-            r = torch.repeat_interleave(torch.arange(rows, device=w.device), torch.diff(self.outlier_rowptr.long()))
-            w[r, self.outlier_cols.long()] = self.outlier_values.float()
-        return w.to(dtype or self.dtype)
+            rows = torch.arange(self.shape[0], device=w.device)
+            rows = torch.repeat_interleave(rows, torch.diff(self.outlier_rowptr.long()))
+            w[rows, self.outlier_cols.long()] = self.outlier_values.to(w.dtype)
+        return w
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by name (what a checkpoint holds)."""

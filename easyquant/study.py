@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch import nn
 from .grid import Grid, initial_scale, orient, to_fp16_grid
 from .objective import Objective
 from .outliers import sigma_mask
+from .plots import save_plot
 from .solvers import PaperAdam, Search
 
 NSIGMA_METHODS = ["easyquant:n_sigma=none"] + [f"easyquant:n_sigma={n}" for n in (2, 2.5, 3, 4, 5, 6)]
@@ -33,20 +33,6 @@ ABLATION_METHODS = [
     "paper",  # both, the paper's recipe
     "easyquant",  # both, easyquant's solver
 ]
-
-
-def _plot(path: Path, draw, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    draw(fig, ax)
-    ax.set_title(textwrap.fill(title, 100), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _layer_and_type(name: str) -> tuple[int, str]:
@@ -121,7 +107,7 @@ def outliers_report(linears: list[tuple[str, nn.Linear]], n_sigma: float, out: P
         ax.set_xlabel("layer")
         fig.colorbar(im, ax=ax, label="outliers (% of weights)")
 
-    _plot(out / "outliers.png", draw, title)
+    save_plot(out / "outliers.png", draw, title)
     return table
 
 
@@ -183,5 +169,5 @@ def range_report(w: torch.Tensor, bits: int, lr: float, steps: int, out: Path, t
         ax.set_xscale("log")
         ax.legend()
 
-    _plot(out / "range.png", draw, title)
+    save_plot(out / "range.png", draw, title)
     return table
