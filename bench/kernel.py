@@ -32,7 +32,6 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -42,22 +41,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before easyquant.kernel defines its kernels
 
 import transformers
+from workloads import BATCHES, FRACTIONS, SHAPES, synthetic, without_outliers
 
 from easyquant import QuantConfig, quantize_weight
 from easyquant.evaluate import generation_speed
-from easyquant.kernel import OUTLIER_MODES, default_config, outlier_mode, qmatmul, tile_skew
+from easyquant.kernel import OUTLIER_MODES, default_config, multiprocessors, outlier_mode, qmatmul, tile_skew
 from easyquant.nn import EasyQuantLinear, swap_in_quantized
-from easyquant.packing import pack
-from easyquant.qweight import QuantizedWeight, csr_from_mask
 from easyquant.targets import block_linears
 
-SHAPES = {
-    "7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
-    "70b": [(8192, 8192), (28672, 8192)],
-    "cpu": [(256, 512), (512, 256)],
-}
-BATCHES = [1, 2, 4, 8, 16, 32, 128]
-FRACTIONS = [0.0, 0.001, 0.005, 0.01, 0.05]
 # Peak DRAM bandwidth (GB/s) from the vendors' data sheets, by a substring of the device name.
 PEAK_GBPS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800, "A100-SXM4": 2039}
 DECODE_MODELS = {
@@ -65,31 +56,6 @@ DECODE_MODELS = {
     "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32},
     "tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4},
 }
-
-
-def synthetic(
-    rows: int, cols: int, fraction: float, device: str, layout: str = "uniform", bits: int = 4, seed: int = 0
-) -> QuantizedWeight:
-    """Random codes and scales; outliers at ``fraction``, spread evenly over the rows
-    (``uniform``) or crowded into some rows as in real weights (``skewed``: each row's share
-    drawn log-normal, which puts several times the mean into the busiest 64-row tiles)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    codes = torch.randint(0, 2**bits, (rows, cols), generator=g, device=device, dtype=torch.uint8)
-    rate = torch.full((rows, 1), fraction, device=device)
-    if layout == "skewed":
-        share = (2.0 * torch.randn(rows, 1, generator=g, device=device)).exp()
-        rate = (fraction * share / share.mean()).clamp(max=1.0)
-    mask = torch.rand(rows, cols, generator=g, device=device) < rate
-    codes[mask] = 2 ** (bits - 1)  # the code of 0 where an outlier takes over
-    scales = ((torch.rand(rows, 1, generator=g, device=device) + 0.5) * 2e-3).half()
-    rowptr, col_idx, values = csr_from_mask(mask, torch.randn(rows, cols, generator=g, device=device) * 0.05)
-    return QuantizedWeight(pack(codes, bits), scales, rowptr, col_idx, values, bits, cols, (rows, cols), torch.float16)
-
-
-def without_outliers(qw: QuantizedWeight) -> QuantizedWeight:
-    empty = qw.outlier_cols[:0]
-    return replace(qw, outlier_rowptr=torch.zeros_like(qw.outlier_rowptr), outlier_cols=empty,
-                   outlier_values=qw.outlier_values[:0])  # fmt: skip
 
 
 def timer(device: str, reps: int) -> Callable[[Callable[[], object]], float]:
@@ -137,7 +103,7 @@ def layer_rows(args: argparse.Namespace, device: str, peak: float | None) -> lis
                 t = {o: time_it(lambda o=o: qmatmul(x, qw, outliers=o)) for o in OUTLIER_MODES}  # noqa: B023
                 moved = qw.nbytes + x.numel() * x.element_size() + m * n * x.element_size()
                 gbps = moved / t[mode] / 1e9
-                cfg = default_config(m, n, k, x.device)
+                cfg = default_config(m, n, k, multiprocessors(x.device))
                 rows.append({
                     "shape": f"{n}x{k}", "batch": m, "outlier_fraction": qw.outlier_fraction, "layout": layout,
                     "tile_skew": skew, "mode": mode,

@@ -8,8 +8,9 @@ splits exactly into a dense part and a sparse part:
   of its ``BLOCK_N`` weight rows ``BLOCK_K`` columns at a time, unpacks them in registers
   (two 4-bit codes per byte with an interleave, other widths by reading the one or two bytes
   each code straddles), applies per-row scales once after the reduction or per-group scales
-  on the tile, and multiplies on the tensor cores (``tl.dot``; a broadcast-sum when the tile
-  has fewer than 16 activation rows);
+  on the tile, and multiplies on the tensor cores (``tl.dot``); a one-row tile (decode) instead
+  multiply-adds elementwise into a ``(BLOCK_N, BLOCK_K)`` partial that is summed over K once,
+  after the loop, so the loop has no cross-thread reduction;
 - sparse: the outliers of rows ``[n0, n0 + BLOCK_N)`` are one contiguous CSR segment. It is
   cut into chunks of ``BLOCK_NNZ``; each chunk gathers ``x[:, col]``, scales by the values
   and adds into the tile through a one-hot ``(BLOCK_NNZ, BLOCK_N)`` matrix of row membership.
@@ -24,14 +25,16 @@ Split-K (``split_k > 1``) gives decode shapes enough programs to fill the GPU: p
 ``pid_k = 0..split_k-1`` of a tile take every ``split_k``-th K block and every ``split_k``-th
 outlier chunk, and add their partial tiles atomically into an fp32 buffer.
 
-Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (set before this module is
-imported), which is how the tests check it against ``dequantize()`` and a plain matmul.
+Host side: :func:`plan_qmatmul` describes the launches (:class:`Launch`: kernel, grid,
+arguments, constants) and :func:`qmatmul` runs them; :mod:`easyquant.kernel_aot` compiles the
+same descriptions for a GPU that is not there. Runs on CUDA, and on the CPU under
+``TRITON_INTERPRET=1`` (set before this module is imported), which is how the tests check it
+against ``dequantize()`` and a plain matmul.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass
 
@@ -91,6 +94,8 @@ class KernelConfig:
                 raise EasyQuantError(f"KernelConfig.{name} must be a power of two, got {v}")
         if self.block_n < 16 or self.block_k < 16 or self.block_nnz < 16:
             raise EasyQuantError("KernelConfig: block_n, block_k and block_nnz must be at least 16")
+        if 1 < self.block_m < 16:  # tensor-core tiles need 16 rows; one row takes the GEMV path
+            raise EasyQuantError(f"KernelConfig.block_m must be 1 or at least 16, got {self.block_m}")
         if self.split_k < 1:
             raise EasyQuantError(f"KernelConfig.split_k must be at least 1, got {self.split_k}")
         if self.outliers not in OUTLIER_MODES:
@@ -98,7 +103,8 @@ class KernelConfig:
 
 
 @functools.cache
-def _multiprocessors(device: torch.device) -> int:
+def multiprocessors(device: torch.device) -> int:
+    """The device's streaming multiprocessors, which :func:`default_config` sizes split-K for."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 8  # the interpreter: any small number exercises split-K
@@ -121,43 +127,89 @@ def outlier_mode(qw: QuantizedWeight, block_n: int = 64) -> str:
     return "balanced" if tile_skew(qw, block_n) > BALANCE_ABOVE else "fused"
 
 
+def _cdiv(a: int, b: int) -> int:  # triton.cdiv is a jit function: 2.5 us a call from the host
+    return -(-a // b)
+
+
+def fit_block_k(block_k: int, group: int) -> int:
+    """``block_k``, or the power-of-two ``group`` (at least 16) when smaller: then every K block
+    lies inside one scale group and loads one scale per row instead of one per element."""
+    if 16 <= group < block_k and group & (group - 1) == 0:
+        return group
+    return block_k
+
+
 @functools.cache  # called on every forward: keep it off the decode path's CPU time
-def default_config(m: int, n: int, k: int, device: torch.device, outliers: str = "fused") -> KernelConfig:
-    """Decode shapes (few rows): thin tiles and split-K until about two waves of programs;
-    prefill shapes: square tensor-core tiles."""
+def default_config(m: int, n: int, k: int, sms: int, outliers: str = "fused", group: int = 0) -> KernelConfig:
+    """Decode shapes (few rows): thin tiles and split-K until about two waves of programs on
+    ``sms`` multiprocessors; prefill shapes: square tensor-core tiles. With scale groups of
+    ``group`` columns (0: one scale per row), K blocks shrink to fit inside one group."""
     if m <= 8:
         block_m, block_n, block_k = (1 if m == 1 else 16), 64, 128
     elif m <= 32:
         block_m, block_n, block_k = 16 if m <= 16 else 32, 64, 128
     else:
         block_m, block_n, block_k = 64, 64, 64
-    tiles = max(1, math.ceil(m / block_m) * math.ceil(n / block_n))
-    split = max(1, min(2 * _multiprocessors(device) // tiles, math.ceil(k / block_k), 16))
-    return KernelConfig(block_m, block_n, block_k, split_k=split, outliers=outliers)
+    block_k = fit_block_k(block_k, group)
+    tiles = max(1, _cdiv(m, block_m) * _cdiv(n, block_n))
+    split = max(1, min(2 * sms // tiles, _cdiv(k, block_k), 16))
+    # Tensor-core tiles take outliers 16 at a time: 32 made 64-row tiles spill (bench/results/compiled.md).
+    block_nnz = 32 if block_m == 1 else 16
+    return KernelConfig(block_m, block_n, block_k, block_nnz, split_k=split, outliers=outliers)
 
 
 if triton is not None:
 
     @triton.jit
-    def _unpack_tile(packed_ptr, row_bytes, rn, k0, rk, n_mask, k_mask, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Unsigned codes ``(BLOCK_N, BLOCK_K)`` of rows ``rn`` and columns ``rk = k0 + arange`` (int32)."""
+    def _field(word, j: tl.constexpr, BITS: tl.constexpr):
+        """Code ``j`` of the codes packed lowest bits first into each element of ``word``, as int32."""
+        return ((word >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.int32)
+
+    @triton.jit
+    def _unpack_tile(packed_ptr, row_bytes, rn, k0, n_mask, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Unsigned codes ``(BLOCK_N, BLOCK_K)`` of rows ``rn``, columns ``k0 + arange(BLOCK_K)`` (int32).
+
+        Codes come 8 to a word of ``BITS`` bytes (:mod:`easyquant.packing`). Widths that divide 8
+        load each byte once as one contiguous (vectorisable) tile and spread its codes into
+        columns with interleaves; the others load a word's ``BITS`` bytes as strided planes, join
+        them, and spread the word's 8 codes the same way. Every packed byte is loaded once.
+        """
         row = packed_ptr + rn[:, None].to(tl.int64) * row_bytes
-        if BITS == 4:
-            # Two codes per byte, low nibble first: load each byte once and interleave.
-            rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            half_mask = n_mask[:, None] & (rb < row_bytes)[None, :]
-            byte = tl.load(row + rb[None, :], mask=half_mask, other=0).to(tl.int32)
-            codes = tl.interleave(byte & 15, byte >> 4)
+        if 8 % BITS == 0:
+            rb = k0 * BITS // 8 + tl.arange(0, BLOCK_K * BITS // 8)
+            word = tl.load(row + rb[None, :], mask=n_mask[:, None] & (rb < row_bytes)[None, :], other=0)
+            word = word.to(tl.int32)
+            if BITS == 8:
+                codes = word
+            elif BITS == 4:
+                codes = tl.interleave(_field(word, 0, BITS), _field(word, 1, BITS))
+            else:  # 2 bits: columns 4i..4i+3 from fields 0..3 of byte i
+                codes = tl.interleave(tl.interleave(_field(word, 0, BITS), _field(word, 2, BITS)),
+                                      tl.interleave(_field(word, 1, BITS), _field(word, 3, BITS)))  # fmt: skip
         else:
-            bit = rk * BITS
-            first = bit // 8
-            mask = n_mask[:, None] & k_mask[None, :]
-            word = tl.load(row + first[None, :], mask=mask, other=0).to(tl.int32)
-            if 8 % BITS != 0:  # 3, 5, 6 and 7-bit codes may straddle two bytes
-                second_mask = mask & (first + 1 < row_bytes)[None, :]
-                word = word | (tl.load(row + first[None, :] + 1, mask=second_mask, other=0).to(tl.int32) << 8)
-            codes = (word >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
+            wb = (k0 // 8 + tl.arange(0, BLOCK_K // 8)) * BITS
+            mask = n_mask[:, None] & (wb < row_bytes)[None, :]
+            word = tl.zeros((rn.shape[0], BLOCK_K // 8), dtype=tl.int32 if BITS <= 3 else tl.int64)
+            for b in tl.static_range(BITS):  # 3 bits: 24-bit words; 5-7 bits need 64
+                word |= tl.load(row + (wb + b)[None, :], mask=mask, other=0).to(word.dtype) << (8 * b)
+            codes = tl.interleave(
+                tl.interleave(tl.interleave(_field(word, 0, BITS), _field(word, 4, BITS)),
+                              tl.interleave(_field(word, 2, BITS), _field(word, 6, BITS))),
+                tl.interleave(tl.interleave(_field(word, 1, BITS), _field(word, 5, BITS)),
+                              tl.interleave(_field(word, 3, BITS), _field(word, 7, BITS))),
+            )  # fmt: skip
         return codes
+
+    @triton.jit
+    def _group_scales(scales_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The scales of a ``(BLOCK_N, BLOCK_K)`` tile: one per row when the block lies inside one
+        group (``default_config`` makes it so for power-of-two groups), else one per element."""
+        if GROUP % BLOCK_K == 0:
+            s = tl.load(scales_ptr + rn * n_groups + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
+        else:
+            s = tl.load(scales_ptr + rn[:, None] * n_groups + (rk // GROUP)[None, :],
+                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+        return s.to(tl.float32)
 
     @triton.jit
     def _qmatmul_kernel(
@@ -165,8 +217,7 @@ if triton is not None:
         M, N, K, stride_xm, stride_ym, row_bytes, n_groups,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NNZ: tl.constexpr,
-        SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr,
+        SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -174,6 +225,8 @@ if triton is not None:
         m_mask, n_mask = rm < M, rn < N
         x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if BLOCK_M == 1:  # decode: multiply-add elementwise, reduce over K once after the loop
+            partial = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         qmin = -(1 << (BITS - 1))
 
         for kb in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
@@ -181,19 +234,19 @@ if triton is not None:
             rk = k0 + tl.arange(0, BLOCK_K)
             k_mask = rk < K
             x = tl.load(x_rows + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            codes = _unpack_tile(packed_ptr, row_bytes, rn, k0, rk, n_mask, k_mask, BITS, BLOCK_K)
+            codes = _unpack_tile(packed_ptr, row_bytes, rn, k0, n_mask, BITS, BLOCK_K)
             q = (codes + qmin).to(tl.float32)
             if not PER_ROW:
-                s = tl.load(scales_ptr + rn[:, None] * n_groups + (rk // GROUP)[None, :],
-                            mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
-                q = q * s.to(tl.float32)
+                q = q * _group_scales(scales_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K)
             w = q.to(x.dtype)
-            if UPCAST:
-                x, w = x.to(tl.float32), w.to(tl.float32)
-            if USE_DOT:
-                acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+            if BLOCK_M == 1:
+                partial += x.to(tl.float32) * w.to(tl.float32)
             else:
-                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+                if UPCAST:
+                    x, w = x.to(tl.float32), w.to(tl.float32)
+                acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        if BLOCK_M == 1:
+            acc = tl.sum(partial, axis=1)[None, :]
         if PER_ROW:
             acc = acc * tl.load(scales_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
 
@@ -213,10 +266,10 @@ if triton is not None:
                 onehot = ((row[:, None] == local[None, :]) & j_mask[:, None]).to(tl.float32)
                 xg = tl.load(x_rows + col[None, :], mask=m_mask[:, None] & j_mask[None, :], other=0.0)
                 contrib = xg.to(tl.float32) * val[None, :]
-                if USE_DOT:
-                    acc += tl.dot(contrib, onehot, input_precision="ieee")
+                if BLOCK_M == 1:
+                    acc += tl.sum(contrib.reshape(BLOCK_NNZ, 1) * onehot, axis=0)[None, :]
                 else:
-                    acc += tl.sum(contrib[:, :, None] * onehot[None, :, :], axis=1)
+                    acc += tl.dot(contrib, onehot, input_precision="ieee")
 
         y = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
         out_mask = m_mask[:, None] & n_mask[None, :]
@@ -258,9 +311,9 @@ if triton is not None:
         rk = k0 + tl.arange(0, BLOCK_K)
         n_mask, k_mask = rn < N, rk < K
         mask = n_mask[:, None] & k_mask[None, :]
-        codes = _unpack_tile(packed_ptr, row_bytes, rn, k0, rk, n_mask, k_mask, BITS, BLOCK_K)
-        s = tl.load(scales_ptr + rn[:, None] * n_groups + (rk // GROUP)[None, :], mask=mask, other=0.0)
-        w = (codes - (1 << (BITS - 1))).to(tl.float32) * s.to(tl.float32)
+        codes = _unpack_tile(packed_ptr, row_bytes, rn, k0, n_mask, BITS, BLOCK_K)
+        s = _group_scales(scales_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K)
+        w = (codes - (1 << (BITS - 1))).to(tl.float32) * s
         tl.store(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
@@ -272,17 +325,92 @@ def _check_available(x: torch.Tensor) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch, fully described: :func:`qmatmul` runs it, and
+    :mod:`easyquant.kernel_aot` compiles the very same launch for a GPU that is not there."""
+
+    kernel: object
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict[str, object]
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def plan_dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, Launch]:
+    """The output buffer of :func:`dequantize` and the launch that fills its dense part."""
+    n, k = qw.shape
+    w = torch.empty(n, k, dtype=dtype, device=qw.packed.device)
+    block_n, block_k = 32, fit_block_k(128, qw.group_size)
+    launch = Launch(
+        _dequantize_kernel, (_cdiv(n, block_n), _cdiv(k, block_k)),
+        (w, qw.packed, qw.scales, n, k, qw.packed.shape[1], qw.scales.shape[1]),
+        dict(BITS=qw.bits, GROUP=qw.group_size, BLOCK_N=block_n, BLOCK_K=block_k),
+    )  # fmt: skip
+    return w, launch
+
+
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     """``qw.dequantize(dtype)`` in one pass over the packed codes, with no int64 temporaries:
     for inputs too long for :func:`qmatmul`, whose weight is then multiplied by cuBLAS."""
-    n, k = qw.shape
-    w = torch.empty(n, k, dtype=dtype, device=qw.packed.device)
+    w, launch = plan_dequantize(qw, dtype)
     _check_available(w)
-    block_n, block_k = 32, 128
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
-    _dequantize_kernel[grid](w, qw.packed, qw.scales, n, k, qw.packed.shape[1], qw.scales.shape[1],
-                             BITS=qw.bits, GROUP=qw.group_size, BLOCK_N=block_n, BLOCK_K=block_k)  # fmt: skip
+    launch()
     return qw.write_outliers(w)
+
+
+def plan_qmatmul(
+    x: torch.Tensor, qw: QuantizedWeight, config: KernelConfig | None = None, outliers: str = "fused"
+) -> tuple[torch.Tensor, list[Launch]]:
+    """The ``(rows, out)`` output buffer of :func:`qmatmul` and the launches that fill it:
+    the tiled matmul, then (``"balanced"`` outliers) the outlier kernel."""
+    n, k = qw.shape
+    if x.shape[-1] != k:
+        raise EasyQuantError(f"activations have {x.shape[-1]} features, the weight expects {k}")
+    if qw.packed.device != x.device:
+        raise EasyQuantError(f"activations are on {x.device}, the quantized weight on {qw.packed.device}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    per_row = qw.scales.shape[1] == 1
+    cfg = config or default_config(m, n, k, multiprocessors(x.device), outliers, 0 if per_row else qw.group_size)
+    balanced = cfg.outliers == "balanced" and qw.outlier_count > 0
+    atomic = cfg.split_k > 1
+    if atomic:
+        y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    else:  # fp32 when the outlier kernel adds into it afterwards
+        y = torch.empty(m, n, dtype=torch.float32 if balanced else x.dtype, device=x.device)
+    if not m:
+        return y, []
+    # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584):
+    # there, dot the same bf16 values in fp32, which is what the GPU's bf16 MMA accumulates.
+    interpreted_bf16 = x.dtype == torch.bfloat16 and not x.is_cuda and interpreting()
+    launches = [Launch(
+        _qmatmul_kernel, (_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n), cfg.split_k),
+        (x2, y, qw.packed, qw.scales, qw.outlier_rowptr, qw.outlier_cols, qw.outlier_values,
+         m, n, k, x2.stride(0), y.stride(0), qw.packed.shape[1], qw.scales.shape[1]),
+        dict(BITS=qw.bits, GROUP=qw.group_size, PER_ROW=per_row,
+             HAS_OUTLIERS=qw.outlier_count > 0 and not balanced,
+             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_NNZ=cfg.block_nnz,
+             SPLIT_K=cfg.split_k, ATOMIC=atomic,
+             PRECISION="ieee" if x.dtype == torch.float32 or interpreted_bf16 else "tf32",
+             UPCAST=interpreted_bf16),
+        cfg.num_warps, cfg.num_stages,
+    )]  # fmt: skip
+    if balanced:
+        block_m = min(1 << (m - 1).bit_length(), 16)
+        launches.append(Launch(
+            _outlier_kernel, (_cdiv(qw.outlier_count, cfg.block_nnz), _cdiv(m, block_m)),
+            (x2, y, qw.outlier_rowptr, qw.outlier_cols, qw.outlier_values, m, n, qw.outlier_count,
+             x2.stride(0), y.stride(0)),
+            dict(SEARCH_STEPS=max(1, n.bit_length()), BLOCK_M=block_m, BLOCK_NNZ=cfg.block_nnz),
+        ))  # fmt: skip
+    return y, launches
 
 
 def qmatmul(
@@ -295,47 +423,10 @@ def qmatmul(
     """``x @ qw.dequantize().T + bias`` without materialising the weight. ``x``: ``(..., in)``.
     ``config`` defaults to :func:`default_config` with the given ``outliers`` mode."""
     _check_available(x)
-    n, k = qw.shape
-    if x.shape[-1] != k:
-        raise EasyQuantError(f"activations have {x.shape[-1]} features, the weight expects {k}")
-    if qw.packed.device != x.device:
-        raise EasyQuantError(f"activations are on {x.device}, the quantized weight on {qw.packed.device}")
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    cfg = config or default_config(m, n, k, x.device, outliers)
-    balanced = cfg.outliers == "balanced" and qw.outlier_count > 0
-    atomic = cfg.split_k > 1
-    if atomic:
-        y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    else:  # fp32 when the outlier kernel adds into it afterwards
-        y = torch.empty(m, n, dtype=torch.float32 if balanced else x.dtype, device=x.device)
-    if m:
-        has_outliers = qw.outlier_count > 0 and not balanced
-        # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584):
-        # there, dot the same bf16 values in fp32, which is what the GPU's bf16 MMA accumulates.
-        interpreted_bf16 = x.dtype == torch.bfloat16 and not x.is_cuda
-        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), cfg.split_k)
-        _qmatmul_kernel[grid](
-            x2, y, qw.packed, qw.scales, qw.outlier_rowptr, qw.outlier_cols, qw.outlier_values,
-            m, n, k, x2.stride(0), y.stride(0), qw.packed.shape[1], qw.scales.shape[1],
-            BITS=qw.bits, GROUP=qw.group_size, PER_ROW=qw.scales.shape[1] == 1, HAS_OUTLIERS=has_outliers,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_NNZ=cfg.block_nnz,
-            SPLIT_K=cfg.split_k, ATOMIC=atomic, USE_DOT=cfg.block_m >= 16,
-            PRECISION="ieee" if x.dtype == torch.float32 or interpreted_bf16 else "tf32",
-            UPCAST=interpreted_bf16,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
-        if balanced:
-            block_m = min(triton.next_power_of_2(m), 16)
-            grid = (triton.cdiv(qw.outlier_count, cfg.block_nnz), triton.cdiv(m, block_m))
-            _outlier_kernel[grid](
-                x2, y, qw.outlier_rowptr, qw.outlier_cols, qw.outlier_values, m, n, qw.outlier_count,
-                x2.stride(0), y.stride(0), SEARCH_STEPS=max(1, n.bit_length()), BLOCK_M=block_m,
-                BLOCK_NNZ=cfg.block_nnz,
-            )  # fmt: skip
+    y, launches = plan_qmatmul(x, qw, config, outliers)
+    for launch in launches:
+        launch()
     y = y.to(x.dtype)
     if bias is not None:
         y += bias.to(x.dtype)
-    return y.reshape(*x.shape[:-1], n)
+    return y.reshape(*x.shape[:-1], qw.shape[0])

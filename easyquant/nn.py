@@ -48,6 +48,7 @@ class EasyQuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.dtype = bits, min(group_size, in_features), dtype
         self.outlier_mode: str | None = None  # the kernel's outlier path, chosen at the first fused call
+        self._view: tuple[tuple[nn.Parameter, ...], QuantizedWeight] | None = None  # see quantized_weight()
         kw = {"device": device}
         self.packed = _frozen(torch.zeros(out_features, packed_cols(in_features, bits), dtype=torch.uint8, **kw))
         self.scales = _frozen(
@@ -69,13 +70,14 @@ class EasyQuantLinear(nn.Module):
         return mod
 
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(
-            **{name: getattr(self, name).data for name in QUANTIZED_TENSORS},
-            bits=self.bits,
-            group_size=self.group_size,
-            shape=(self.out_features, self.in_features),
-            dtype=self.dtype,
-        )
+        """The module's parameters viewed as a :class:`QuantizedWeight`. Built once and kept while
+        the parameter objects stay (``.to()`` and ``load_state_dict`` change their data in place):
+        decode calls every linear once per token, so this sits on the GPU path's CPU time."""
+        params = tuple(self._parameters[name] for name in QUANTIZED_TENSORS)
+        if self._view is None or any(a is not b for a, b in zip(self._view[0], params, strict=True)):
+            qw = QuantizedWeight(*params, self.bits, self.group_size, (self.out_features, self.in_features), self.dtype)
+            self._view = (params, qw)
+        return self._view[1]
 
     def path(self, x: torch.Tensor) -> str:
         """How ``forward`` multiplies ``x``: ``"fused"`` (the Triton matmul), ``"dequantize"``

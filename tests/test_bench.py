@@ -32,3 +32,27 @@ def test_kernel_bench_reduced_form(tmp_path):
     assert any(r["outlier_fraction"] > 0.005 for r in layers)
     (decode,) = result["decode"]
     assert decode["easyquant_tokens_per_s"] > 0 and decode["easyquant_gib"] < decode["fp16_gib"]
+
+
+def test_kernels_compile_for_h100(tmp_path):
+    """The kernels as qmatmul launches them compile for sm_90 with Triton's own ptxas, and the
+    machine code keeps the properties speed depends on: no spills on the decode path,
+    128-bit loads of the packed codes, tensor-core MMAs for batches of 16 and more."""
+    pytest.importorskip("triton")
+    out = tmp_path / "compiled.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "bench/compiled.py", "--quick", "--json", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["meta"]["target"] == "sm_90"
+    rows = result["rows"]
+    assert {r["kernel"] for r in rows} == {"qmatmul_kernel", "outlier_kernel", "dequantize_kernel"}
+    assert {r["weight"] for r in rows} >= {f"{b}-bit" for b in range(2, 9)} | {"4-bit g128", "4-bit g100"}
+    assert all(r["registers"] <= 255 for r in rows)
+    matmuls = [r for r in rows if r["kernel"] == "qmatmul_kernel"]
+    decode = [r for r in matmuls if r["batch"] == 1 and r["weight"] != "4-bit g100"]  # ragged groups: gathers
+    assert decode and all(r["stack_bytes"] == 0 for r in decode)
+    assert all("128" in r["loads_by_bits"] for r in decode if r["weight"].startswith("4-bit"))
+    assert all(r["tensor_cores"] != "-" for r in matmuls if r["batch"] >= 16)
+    assert "| kernel | shape |" in proc.stdout

@@ -124,6 +124,8 @@ def test_bad_input_is_refused():
         KernelConfig(16, 48, 64)
     with pytest.raises(EasyQuantError, match="at least 16"):
         KernelConfig(16, 8, 64)
+    with pytest.raises(EasyQuantError, match="1 or at least 16"):
+        KernelConfig(8, 64, 64)
 
 
 def test_model_through_the_kernel(tmp_path):

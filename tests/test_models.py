@@ -3,6 +3,7 @@ loaded back with from_pretrained, and compared with the same model dequantized i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -68,6 +69,29 @@ def test_linear_any_shape_and_dtype(dtype):
         assert y.shape == (*shape[:-1], 24) and y.dtype == dtype
         expect = torch.nn.functional.linear(x.float(), qw.dequantize(torch.float32), bias)
         torch.testing.assert_close(y.float(), expect, rtol=2e-2, atol=2e-2)
+
+
+def test_linear_follows_its_parameters():
+    """The module's QuantizedWeight view is kept between calls, never past a change of weights:
+    in-place loads, ``.data`` swaps and replaced parameters (``load_state_dict(assign=True)``)."""
+    cfg = QuantConfig(group_size=16, n_sigma=2.0)
+    q1 = quantize_weight(torch.randn(24, 40) * 0.05, cfg)
+    other = quantize_weight(torch.randn(24, 40) * 0.05, cfg)
+    q2 = dataclasses.replace(q1, packed=other.packed, scales=other.scales, outlier_values=-q1.outlier_values)
+    assert q1.outlier_count > 0
+    x = torch.randn(3, 40)
+
+    def expect(qw):
+        return torch.nn.functional.linear(x, qw.dequantize(torch.float32))
+
+    mod = EasyQuantLinear.from_quantized(q1)
+    torch.testing.assert_close(mod(x), expect(q1))
+    assert mod.quantized_weight() is mod.quantized_weight()
+    mod.packed.data = q2.packed
+    mod.scales.data.copy_(q2.scales)  # the outliers still q1's: a mix, which the output must show
+    torch.testing.assert_close(mod(x), expect(dataclasses.replace(q2, outlier_values=q1.outlier_values)))
+    mod.load_state_dict(EasyQuantLinear.from_quantized(q2).state_dict(), assign=True)
+    torch.testing.assert_close(mod(x), expect(q2))
 
 
 def test_encoder_checkpoint(tmp_path):

@@ -1,0 +1,45 @@
+"""The kernel's workloads, shared by the benchmarks that time it (``kernel.py``) and compile it
+(``compiled.py``): the layer shapes of 7B and 70B models, batches, outlier fractions, and
+synthetic quantized weights of those shapes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from easyquant.packing import pack
+from easyquant.qweight import QuantizedWeight, csr_from_mask
+
+SHAPES = {
+    "7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
+    "70b": [(8192, 8192), (28672, 8192)],
+    "cpu": [(256, 512), (512, 256)],
+}
+BATCHES = [1, 2, 4, 8, 16, 32, 128]
+FRACTIONS = [0.0, 0.001, 0.005, 0.01, 0.05]
+
+
+def synthetic(
+    rows: int, cols: int, fraction: float, device: str, layout: str = "uniform", bits: int = 4, seed: int = 0
+) -> QuantizedWeight:
+    """Random codes and scales; outliers at ``fraction``, spread evenly over the rows
+    (``uniform``) or crowded into some rows as in real weights (``skewed``: each row's share
+    drawn log-normal, which puts several times the mean into the busiest 64-row tiles)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=g, device=device, dtype=torch.uint8)
+    rate = torch.full((rows, 1), fraction, device=device)
+    if layout == "skewed":
+        share = (2.0 * torch.randn(rows, 1, generator=g, device=device)).exp()
+        rate = (fraction * share / share.mean()).clamp(max=1.0)
+    mask = torch.rand(rows, cols, generator=g, device=device) < rate
+    codes[mask] = 2 ** (bits - 1)  # the code of 0 where an outlier takes over
+    scales = ((torch.rand(rows, 1, generator=g, device=device) + 0.5) * 2e-3).half()
+    rowptr, col_idx, values = csr_from_mask(mask, torch.randn(rows, cols, generator=g, device=device) * 0.05)
+    return QuantizedWeight(pack(codes, bits), scales, rowptr, col_idx, values, bits, cols, (rows, cols), torch.float16)
+
+
+def without_outliers(qw: QuantizedWeight) -> QuantizedWeight:
+    empty = qw.outlier_cols[:0]
+    return replace(qw, outlier_rowptr=torch.zeros_like(qw.outlier_rowptr), outlier_cols=empty,
+                   outlier_values=qw.outlier_values[:0])  # fmt: skip
