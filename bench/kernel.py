@@ -29,9 +29,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -41,7 +38,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before easyquant.kernel defines its kernels
 
 import transformers
-from workloads import BATCHES, FRACTIONS, SHAPES, synthetic, without_outliers
+from workloads import BATCHES, FRACTIONS, SHAPES, synthetic, timer, without_outliers
 
 from easyquant import QuantConfig, quantize_weight
 from easyquant.evaluate import generation_speed
@@ -56,26 +53,6 @@ DECODE_MODELS = {
     "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32},
     "tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4},
 }
-
-
-def timer(device: str, reps: int) -> Callable[[Callable[[], object]], float]:
-    """Seconds per call: median of do_bench on a GPU (L2 flushed before each call), of
-    wall-clock repetitions on the CPU."""
-    if device == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-
-    def cpu(fn: Callable[[], object]) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    return cpu
 
 
 def peak_gbps(device: str, override: float | None) -> float | None:

@@ -1,9 +1,12 @@
-"""The kernel's workloads, shared by the benchmarks that time it (``kernel.py``) and compile it
-(``compiled.py``): the layer shapes of 7B and 70B models, batches, outlier fractions, and
-synthetic quantized weights of those shapes."""
+"""The kernel's workloads, shared by the benchmarks that time it (``kernel.py``), tune it
+(``tune.py``) and compile it (``compiled.py``): the layer shapes of 7B and 70B models, batches,
+outlier fractions, synthetic quantized weights of those shapes, and how a call is timed."""
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -43,3 +46,23 @@ def without_outliers(qw: QuantizedWeight) -> QuantizedWeight:
     empty = qw.outlier_cols[:0]
     return replace(qw, outlier_rowptr=torch.zeros_like(qw.outlier_rowptr), outlier_cols=empty,
                    outlier_values=qw.outlier_values[:0])  # fmt: skip
+
+
+def timer(device: str, reps: int) -> Callable[[Callable[[], object]], float]:
+    """Seconds per call: median of do_bench on a GPU (L2 flushed before each call), of
+    wall-clock repetitions on the CPU."""
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+
+    def cpu(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return cpu

@@ -34,6 +34,19 @@ def test_kernel_bench_reduced_form(tmp_path):
     assert decode["easyquant_tokens_per_s"] > 0 and decode["easyquant_gib"] < decode["fp16_gib"]
 
 
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="the reduced form is the CPU one")
+def test_tile_search_reduced_form(tmp_path):
+    out = tmp_path / "tune.json"
+    proc = subprocess.run([sys.executable, "bench/tune.py", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| shape | batch |" in proc.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["tried"] == 5 and not row["rejected"]  # the default and its 4 neighbours, all agreeing
+    assert 0 < row["best_us"] <= row["default_us"]
+    assert row["best"]["block_n"] in (16, 32, 64) and row["best"]["split_k"] in (1, 2, 4)
+
+
 def test_kernels_compile_for_h100(tmp_path):
     """The kernels as qmatmul launches them compile for sm_90 with Triton's own ptxas, and the
     machine code keeps the properties speed depends on: no spills on the decode path,
