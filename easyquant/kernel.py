@@ -213,11 +213,12 @@ if triton is not None:
 
     @triton.jit
     def _qmatmul_kernel(
-        x_ptr, y_ptr, packed_ptr, scales_ptr, rowptr_ptr, cols_ptr, vals_ptr,
+        x_ptr, y_ptr, packed_ptr, scales_ptr, rowptr_ptr, cols_ptr, vals_ptr, bias_ptr,
         M, N, K, stride_xm, stride_ym, row_bytes, n_groups,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NNZ: tl.constexpr,
         SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
     ):  # fmt: skip
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -271,6 +272,9 @@ if triton is not None:
                 else:
                     acc += tl.dot(contrib, onehot, input_precision="ieee")
 
+        if HAS_BIAS:  # added once per output: by the first of the split-K programs
+            b = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+            acc += tl.where(pid_k == 0, b, 0.0)[None, :]
         y = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
         out_mask = m_mask[:, None] & n_mask[None, :]
         if ATOMIC:
@@ -364,13 +368,19 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def plan_qmatmul(
-    x: torch.Tensor, qw: QuantizedWeight, config: KernelConfig | None = None, outliers: str = "fused"
+    x: torch.Tensor,
+    qw: QuantizedWeight,
+    config: KernelConfig | None = None,
+    outliers: str = "fused",
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[Launch]]:
     """The ``(rows, out)`` output buffer of :func:`qmatmul` and the launches that fill it:
-    the tiled matmul, then (``"balanced"`` outliers) the outlier kernel."""
+    the tiled matmul (bias included), then (``"balanced"`` outliers) the outlier kernel."""
     n, k = qw.shape
     if x.shape[-1] != k:
         raise EasyQuantError(f"activations have {x.shape[-1]} features, the weight expects {k}")
+    if bias is not None and (bias.shape != (n,) or bias.device != x.device):
+        raise EasyQuantError(f"bias of shape {tuple(bias.shape)} on {bias.device}: expected ({n},) on {x.device}")
     if qw.packed.device != x.device:
         raise EasyQuantError(f"activations are on {x.device}, the quantized weight on {qw.packed.device}")
     x2 = x.reshape(-1, k)
@@ -393,13 +403,14 @@ def plan_qmatmul(
     launches = [Launch(
         _qmatmul_kernel, (_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n), cfg.split_k),
         (x2, y, qw.packed, qw.scales, qw.outlier_rowptr, qw.outlier_cols, qw.outlier_values,
+         x2 if bias is None else bias.contiguous(),
          m, n, k, x2.stride(0), y.stride(0), qw.packed.shape[1], qw.scales.shape[1]),
         dict(BITS=qw.bits, GROUP=qw.group_size, PER_ROW=per_row,
              HAS_OUTLIERS=qw.outlier_count > 0 and not balanced,
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_NNZ=cfg.block_nnz,
              SPLIT_K=cfg.split_k, ATOMIC=atomic,
              PRECISION="ieee" if x.dtype == torch.float32 or interpreted_bf16 else "tf32",
-             UPCAST=interpreted_bf16),
+             UPCAST=interpreted_bf16, HAS_BIAS=bias is not None),
         cfg.num_warps, cfg.num_stages,
     )]  # fmt: skip
     if balanced:
@@ -423,10 +434,8 @@ def qmatmul(
     """``x @ qw.dequantize().T + bias`` without materialising the weight. ``x``: ``(..., in)``.
     ``config`` defaults to :func:`default_config` with the given ``outliers`` mode."""
     _check_available(x)
-    y, launches = plan_qmatmul(x, qw, config, outliers)
+    y, launches = plan_qmatmul(x, qw, config, outliers, bias)
     for launch in launches:
         launch()
-    y = y.to(x.dtype)
-    if bias is not None:
-        y += bias.to(x.dtype)
+    y = y.to(x.dtype)  # a no-op unless split-K or the outlier kernel accumulated in fp32
     return y.reshape(*x.shape[:-1], qw.shape[0])

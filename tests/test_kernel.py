@@ -108,6 +108,9 @@ def test_bias_and_leading_dimensions():
     y = qmatmul(x, qw, bias)
     assert y.shape == (2, 3, 48)
     check(y.reshape(6, 48), x.reshape(6, 96), qw, bias)
+    # the bias is added once, whichever program of a split-K tile or outlier path finishes
+    for cfg in (KernelConfig(16, 16, 16, split_k=3), KernelConfig(1, 16, 32, split_k=3, outliers="balanced")):
+        check(qmatmul(x[0], qw, bias, config=cfg), x[0], qw, bias)
     xt = torch.randn(96, 4, dtype=torch.float16, device=DEVICE).T  # not contiguous
     check(qmatmul(xt, qw), xt, qw)
 
@@ -126,6 +129,8 @@ def test_bad_input_is_refused():
         KernelConfig(16, 8, 64)
     with pytest.raises(EasyQuantError, match="1 or at least 16"):
         KernelConfig(8, 64, 64)
+    with pytest.raises(EasyQuantError, match="bias of shape"):
+        qmatmul(torch.randn(2, 64, device=DEVICE), qw, torch.zeros(15, device=DEVICE))
 
 
 def test_model_through_the_kernel(tmp_path):
