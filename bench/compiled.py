@@ -28,7 +28,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # the compiler, not the interpreter, b
 
 import torch
 import triton
-from workloads import BATCHES, SHAPES, synthetic
+from workloads import BATCHES, SHAPES, markdown_table, synthetic
 
 from easyquant.kernel import OUTLIER_MODES, default_config, plan_dequantize, plan_qmatmul
 from easyquant.kernel_aot import CompiledLaunch, compile_launch
@@ -114,16 +114,14 @@ def main() -> None:
 def table(rows: list[dict], meta: dict) -> str:
     head = ["kernel", "shape", "batch", "dtype", "weight", "config", "regs", "stack B", "smem KiB", "warps/SM",
             "tensor cores", "global loads (bits: count)", "shuffles", "atomics"]  # fmt: skip
-    lines = [f"Compiled for {meta['target']} by Triton {meta['triton']} ({meta['date']}; split-K sized for "
-             f"{meta['sms']} SMs). Static instruction counts; not a measure of speed.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
-    for r in rows:
-        loads = " ".join(f"{b}:{n}" for b, n in r["loads_by_bits"].items())
-        cells = [r["kernel"], r["shape"], r["batch"], r["dtype"], r["weight"], r["config"], r["registers"],
-                 r["stack_bytes"], f"{r['shared_kib']:.1f}", r["warps_per_sm"], r["tensor_cores"], loads,
-                 r["shuffles"], r["atomics"]]  # fmt: skip
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines)
+    cells = [[r["kernel"], r["shape"], r["batch"], r["dtype"], r["weight"], r["config"], r["registers"],
+              r["stack_bytes"], f"{r['shared_kib']:.1f}", r["warps_per_sm"], r["tensor_cores"],
+              " ".join(f"{b}:{n}" for b, n in r["loads_by_bits"].items()), r["shuffles"], r["atomics"]]
+             for r in rows]  # fmt: skip
+    return (
+        f"Compiled for {meta['target']} by Triton {meta['triton']} ({meta['date']}; split-K sized for "
+        f"{meta['sms']} SMs). Static instruction counts; not a measure of speed.\n\n" + markdown_table(head, cells)
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -38,7 +36,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before easyquant.kernel defines its kernels
 
 import transformers
-from workloads import BATCHES, FRACTIONS, SHAPES, synthetic, timer, without_outliers
+from workloads import BATCHES, FRACTIONS, SHAPES, markdown_table, run_meta, synthetic, timer, without_outliers
 
 from easyquant import QuantConfig, quantize_weight
 from easyquant.evaluate import generation_speed
@@ -144,36 +142,25 @@ def main() -> None:
     rows = layer_rows(args, device, peak)
     decode = [] if args.decode_model == "none" else [decode_row(args.decode_model, device, args.new_tokens)]
 
-    import triton
-
-    meta = {
-        "date": date.today().isoformat(), "machine": platform.platform(), "device": device,
-        "gpu": torch.cuda.get_device_name() if on_gpu else None, "peak_gbps": peak,
-        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-        "interpreted": not on_gpu,
-    }  # fmt: skip
-    print(f"\n{meta['date']}, {meta['gpu'] or 'CPU under TRITON_INTERPRET=1 (timings say nothing of GPU speed)'}, "
-          f"torch {meta['torch']}, triton {meta['triton']}; 4-bit per channel, activations "
-          f"{'fp16' if on_gpu else 'fp32'}")  # fmt: skip
+    meta, heading = run_meta(peak_gbps=peak)
+    print(f"\n{heading}; 4-bit per channel, activations {'fp16' if on_gpu else 'fp32'}")
     ref = "fp16" if on_gpu else "fp32"
-    print(
-        f"| shape | batch | outliers | layout (tile skew) | {ref} matmul (us) | dense only (us) | fused (us) "
-        f"| balanced (us) | chosen | x {ref} | outlier cost | GB/s | % of peak | tiles |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        share = f"{r['peak_share']:.0%}" if r["peak_share"] else "-"
-        print(f"| {r['shape']} | {r['batch']} | {r['outlier_fraction']:.2%} | {r['layout']} ({r['tile_skew']:.1f}) "
-              f"| {r['fp16_us']:.1f} | {r['dense_only_us']:.1f} | {r['fused_us']:.1f} | {r['balanced_us']:.1f} "
-              f"| {r['mode']} | {r['speedup_vs_fp16']:.2f} | {r['outlier_cost']:+.1%} | {r['gbps']:.1f} | {share} "
-              f"| {r['config']} |")  # fmt: skip
+    head = ["shape", "batch", "outliers", "layout (tile skew)", f"{ref} matmul (us)", "dense only (us)", "fused (us)",
+            "balanced (us)", "chosen", f"x {ref}", "outlier cost", "GB/s", "% of peak", "tiles"]  # fmt: skip
+    print(markdown_table(head, [
+        [r["shape"], r["batch"], f"{r['outlier_fraction']:.2%}", f"{r['layout']} ({r['tile_skew']:.1f})",
+         f"{r['fp16_us']:.1f}", f"{r['dense_only_us']:.1f}", f"{r['fused_us']:.1f}", f"{r['balanced_us']:.1f}",
+         r["mode"], f"{r['speedup_vs_fp16']:.2f}", f"{r['outlier_cost']:+.1%}", f"{r['gbps']:.1f}",
+         f"{r['peak_share']:.0%}" if r["peak_share"] else "-", r["config"]]
+        for r in rows
+    ]))  # fmt: skip
     if decode:
-        print(f"\n| model | new tokens | {ref} tok/s | easyquant tok/s | speed-up | {ref} GiB | easyquant GiB |")
-        print("|---|---|---|---|---|---|---|")
-        for d in decode:
-            print(f"| {d['model']} | {d['new_tokens']} | {d['fp16_tokens_per_s']:.1f} | "
-                  f"{d['easyquant_tokens_per_s']:.1f} | {d['speedup']:.2f} | {d['fp16_gib']:.2f} | "
-                  f"{d['easyquant_gib']:.2f} |")  # fmt: skip
+        head = ["model", "new tokens", f"{ref} tok/s", "easyquant tok/s", "speed-up", f"{ref} GiB", "easyquant GiB"]
+        print("\n" + markdown_table(head, [
+            [d["model"], d["new_tokens"], f"{d['fp16_tokens_per_s']:.1f}", f"{d['easyquant_tokens_per_s']:.1f}",
+             f"{d['speedup']:.2f}", f"{d['fp16_gib']:.2f}", f"{d['easyquant_gib']:.2f}"]
+            for d in decode
+        ]))  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "layers": rows, "decode": decode}, indent=1))
 

@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 from collections.abc import Callable
 from dataclasses import asdict, replace
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -32,7 +30,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before easyquant.kernel defines its kernels
 
-from workloads import SHAPES, synthetic, timer
+from workloads import SHAPES, markdown_table, run_meta, synthetic, timer
 
 from easyquant.kernel import KernelConfig, default_config, multiprocessors, outlier_mode, qmatmul
 from easyquant.qweight import QuantizedWeight
@@ -120,22 +118,16 @@ def main() -> None:
             print(f"{r['shape']:>11} b{m:<4} default {tiles(r['default'])} {r['default_us']:.1f}us -> "
                   f"{tiles(r['best'])} {r['best_us']:.1f}us ({r['tried']} tried)", flush=True)  # fmt: skip
 
-    import triton
-
-    meta = {"date": date.today().isoformat(), "machine": platform.platform(), "device": device,
-            "gpu": torch.cuda.get_device_name() if on_gpu else None, "torch": torch.__version__,
-            "triton": triton.__version__, "interpreted": not on_gpu}  # fmt: skip
+    meta, heading = run_meta()
     ref = "fp16" if on_gpu else "fp32"
-    print(
-        f"\n{meta['date']}, {meta['gpu'] or 'CPU under TRITON_INTERPRET=1 (timings say nothing of GPU speed)'}, "
-        f"torch {meta['torch']}, triton {meta['triton']}; 4-bit per channel, 0.5% outliers (skewed)"
-    )
-    print(f"| shape | batch | outliers | default tiles | us | best tiles | us | gain | best x {ref} | tried |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['shape']} | {r['batch']} | {r['mode']} | {tiles(r['default'])} | {r['default_us']:.1f} "
-              f"| {tiles(r['best'])} | {r['best_us']:.1f} | {r['default_us'] / r['best_us']:.2f} "
-              f"| {r['fp16_us'] / r['best_us']:.2f} | {r['tried']} |")  # fmt: skip
+    print(f"\n{heading}; 4-bit per channel, 0.5% outliers (skewed)")
+    head = ["shape", "batch", "outliers", "default tiles", "us", "best tiles", "us", "gain", f"best x {ref}", "tried"]
+    print(markdown_table(head, [
+        [r["shape"], r["batch"], r["mode"], tiles(r["default"]), f"{r['default_us']:.1f}", tiles(r["best"]),
+         f"{r['best_us']:.1f}", f"{r['default_us'] / r['best_us']:.2f}", f"{r['fp16_us'] / r['best_us']:.2f}",
+         r["tried"]]
+        for r in rows
+    ]))  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 

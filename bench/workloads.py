@@ -4,10 +4,12 @@ outlier fractions, synthetic quantized weights of those shapes, and how a call i
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import date
 
 import torch
 
@@ -66,3 +68,22 @@ def timer(device: str, reps: int) -> Callable[[Callable[[], object]], float]:
         return statistics.median(times)
 
     return cpu
+
+
+def run_meta(**extra: object) -> tuple[dict, str]:
+    """What a timing run states about itself (date, machine, GPU, versions), and its heading line."""
+    import transformers
+    import triton
+
+    on_gpu = torch.cuda.is_available()
+    meta = {"date": date.today().isoformat(), "machine": platform.platform(), "device": "cuda" if on_gpu else "cpu",
+            "gpu": torch.cuda.get_device_name() if on_gpu else None, "torch": torch.__version__,
+            "triton": triton.__version__, "transformers": transformers.__version__, "interpreted": not on_gpu,
+            **extra}  # fmt: skip
+    where = meta["gpu"] or "CPU under TRITON_INTERPRET=1 (timings say nothing of GPU speed)"
+    return meta, f"{meta['date']}, {where}, torch {meta['torch']}, triton {meta['triton']}"
+
+
+def markdown_table(head: list[str], rows: list[list[object]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(map(str, cells)) + " |" for cells in rows])  # fmt: skip
