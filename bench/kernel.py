@@ -14,13 +14,17 @@ uniform at the stated fraction), which is all the kernel's speed depends on.
 
 Decode: tokens per second of greedy generation, batch 1, for a Llama-shaped model with
 random weights in fp16 against the same model with its block linears quantized (4-bit,
-per channel, n-sigma 3, ``rtn`` range: the solver does not change the speed).
+per channel, n-sigma 3, ``rtn`` range: the solver does not change the speed); eager, and
+compiled as Hugging Face documents it (static KV cache, ``torch.compile`` of the forward with
+``fullgraph=True``, CUDA graphs via ``mode="reduce-overhead"``): the quantized linears are one
+opaque custom op each (:mod:`easyquant.ops`), so the whole step is one graph.
 
 Without a GPU it runs a reduced form on the CPU under TRITON_INTERPRET=1 (small shapes,
 wall-clock timing that says nothing about GPU speed), so that it cannot rot.
 
     python bench/kernel.py [--quick] [--shapes 7b,70b] [--batches 1,16] [--fractions 0,0.005]
-                           [--decode-model 7b|1b|tiny|none] [--json bench/results/kernel.json]
+                           [--decode-model 7b|1b|tiny|none] [--decode eager,compiled]
+                           [--json bench/results/kernel.json]
 """
 
 from __future__ import annotations
@@ -95,25 +99,41 @@ def layer_rows(args: argparse.Namespace, device: str, peak: float | None) -> lis
     return rows
 
 
-def decode_row(name: str, device: str, new_tokens: int) -> dict:
+def tokens_per_s(model, prompt: torch.Tensor, new_tokens: int, compiled: bool) -> float:
+    """Greedy decode speed, eager or compiled the way Hugging Face documents it (static KV cache,
+    ``torch.compile(forward, fullgraph=True)``; CUDA graphs on a GPU, ``aot_eager`` on the CPU)."""
+    if not compiled:
+        return generation_speed(model, prompt, new_tokens)
+    torch._dynamo.reset()
+    model.generation_config.cache_implementation = "static"
+    how = {"mode": "reduce-overhead"} if prompt.is_cuda else {"backend": "aot_eager"}
+    model.forward = torch.compile(model.forward, fullgraph=True, **how)
+    try:
+        return generation_speed(model, prompt, new_tokens, warmup=8)
+    finally:
+        del model.forward  # back to the class's forward
+        model.generation_config.cache_implementation = None
+
+
+def decode_row(name: str, device: str, new_tokens: int, compiled: bool) -> dict:
     cfg = transformers.LlamaConfig(**DECODE_MODELS[name], vocab_size=32000, max_position_embeddings=4096)
     dtype = torch.float16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
     with torch.no_grad():
-        prompt = torch.randint(0, cfg.vocab_size, (1, 16))
-        fp16 = generation_speed(model, prompt, new_tokens)
+        prompt = torch.randint(0, cfg.vocab_size, (1, 16), device=device)
+        fp16 = tokens_per_s(model, prompt, new_tokens, compiled)
         fp16_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         qcfg = QuantConfig(bits=4, solver="rtn")
         swap_in_quantized(model, {n: quantize_weight(lin.weight.data, qcfg, name=n) for n, lin in block_linears(model)})
         if device != "cuda":
             EasyQuantLinear.backend = "triton"  # the interpreter: exercise the kernel path on the CPU
-        quant = generation_speed(model, prompt, new_tokens)
+        quant = tokens_per_s(model, prompt, new_tokens, compiled)
         EasyQuantLinear.backend = "auto"
     q_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"model": f"llama-{name} (random weights)", "new_tokens": new_tokens, "fp16_tokens_per_s": fp16,
-            "easyquant_tokens_per_s": quant, "speedup": quant / fp16,
+    return {"model": f"llama-{name} (random weights)", "compiled": compiled, "new_tokens": new_tokens,
+            "fp16_tokens_per_s": fp16, "easyquant_tokens_per_s": quant, "speedup": quant / fp16,
             "fp16_gib": fp16_bytes / 2**30, "easyquant_gib": q_bytes / 2**30}  # fmt: skip
 
 
@@ -126,6 +146,11 @@ def main() -> None:
     ap.add_argument("--fractions", default=None, help="comma list (default: 0,0.001,0.005,0.01,0.05; CPU: 0,0.005)")
     ap.add_argument("--decode-model", default="7b" if on_gpu else "tiny", choices=[*DECODE_MODELS, "none"])
     ap.add_argument("--new-tokens", type=int, default=128 if on_gpu else 8)
+    ap.add_argument(
+        "--decode",
+        default="eager,compiled" if on_gpu else "eager",
+        help="decode runs: eager and/or compiled (static cache, torch.compile; CUDA graphs on a GPU)",
+    )
     ap.add_argument("--reps", type=int, default=3, help="CPU repetitions per timing")
     ap.add_argument("--peak-gbps", type=float, default=None, help="device peak bandwidth, if not in the table")
     ap.add_argument("--json", type=Path, default=Path("bench/results/kernel.json"))
@@ -140,7 +165,8 @@ def main() -> None:
     peak = peak_gbps(device, args.peak_gbps)
 
     rows = layer_rows(args, device, peak)
-    decode = [] if args.decode_model == "none" else [decode_row(args.decode_model, device, args.new_tokens)]
+    runs = [] if args.decode_model == "none" else args.decode.split(",")
+    decode = [decode_row(args.decode_model, device, args.new_tokens, run == "compiled") for run in runs]
 
     meta, heading = run_meta(peak_gbps=peak)
     print(f"\n{heading}; 4-bit per channel, activations {'fp16' if on_gpu else 'fp32'}")
@@ -155,10 +181,12 @@ def main() -> None:
         for r in rows
     ]))  # fmt: skip
     if decode:
-        head = ["model", "new tokens", f"{ref} tok/s", "easyquant tok/s", "speed-up", f"{ref} GiB", "easyquant GiB"]
+        head = ["model", "run", "new tokens", f"{ref} tok/s", "easyquant tok/s", "speed-up", f"{ref} GiB",
+                "easyquant GiB"]  # fmt: skip
         print("\n" + markdown_table(head, [
-            [d["model"], d["new_tokens"], f"{d['fp16_tokens_per_s']:.1f}", f"{d['easyquant_tokens_per_s']:.1f}",
-             f"{d['speedup']:.2f}", f"{d['fp16_gib']:.2f}", f"{d['easyquant_gib']:.2f}"]
+            [d["model"], "compiled" if d["compiled"] else "eager", d["new_tokens"], f"{d['fp16_tokens_per_s']:.1f}",
+             f"{d['easyquant_tokens_per_s']:.1f}", f"{d['speedup']:.2f}", f"{d['fp16_gib']:.2f}",
+             f"{d['easyquant_gib']:.2f}"]
             for d in decode
         ]))  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -91,12 +91,13 @@ def evaluate(model, windows: torch.Tensor, reference: Reference | None = None, b
 
 
 @torch.inference_mode()
-def generation_speed(model, prompt: torch.Tensor, new_tokens: int) -> float:
+def generation_speed(model, prompt: torch.Tensor, new_tokens: int, warmup: int = 2) -> float:
     """Tokens per second of greedy generation (batch 1, exactly ``new_tokens`` tokens, after a
-    short warm-up run), synchronised on a GPU."""
+    warm-up run of ``warmup`` tokens: more for compiled models, which compile and record then),
+    synchronised on a GPU."""
     prompt = prompt.to(model.device)
     kw = {"do_sample": False, "pad_token_id": 0, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
-    model.generate(prompt, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
+    model.generate(prompt, **{**kw, "max_new_tokens": warmup, "min_new_tokens": warmup})
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     sync()
     t0 = time.perf_counter()

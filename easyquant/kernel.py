@@ -35,7 +35,6 @@ against ``dequantize()`` and a plain matmul.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -58,20 +57,12 @@ OUTLIER_MODES = ("fused", "balanced")
 BALANCE_ABOVE = 2.0
 
 
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older ones read the variable directly
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def available(x: torch.Tensor) -> bool:
     """Whether the kernel can run on ``x``: Triton is installed and ``x`` is on a GPU
     (or the interpreter is on, for tests on the CPU)."""
     if triton is None or x.dtype not in ACTIVATION_DTYPES:
         return False
-    return x.is_cuda or interpreting()
+    return x.is_cuda or INTERPRETED
 
 
 @dataclass(frozen=True)
@@ -321,6 +312,11 @@ if triton is not None:
         tl.store(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
+# Whether the kernels above run in Triton's CPU interpreter: triton.jit decided when it ran, at
+# import (TRITON_INTERPRET=1 then). A constant, so that torch.compile traces what reads it.
+INTERPRETED = triton is not None and type(_qmatmul_kernel).__name__ == "InterpretedFunction"
+
+
 def _check_available(x: torch.Tensor) -> None:
     if not available(x):
         raise EasyQuantError(
@@ -399,7 +395,7 @@ def plan_qmatmul(
         return y, []
     # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584):
     # there, dot the same bf16 values in fp32, which is what the GPU's bf16 MMA accumulates.
-    interpreted_bf16 = x.dtype == torch.bfloat16 and not x.is_cuda and interpreting()
+    interpreted_bf16 = x.dtype == torch.bfloat16 and not x.is_cuda and INTERPRETED
     launches = [Launch(
         _qmatmul_kernel, (_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n), cfg.split_k),
         (x2, y, qw.packed, qw.scales, qw.outlier_rowptr, qw.outlier_cols, qw.outlier_values,

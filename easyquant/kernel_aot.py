@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EasyQuantError
-from .kernel import Launch, interpreting
+from .kernel import INTERPRETED, Launch
 
 # Opcode families worth counting in SASS, by the prefix of the mnemonic.
 TENSOR_CORE_OPS = ("HGMMA", "HMMA")  # Hopper warpgroup MMA; warp-level MMA
@@ -100,7 +100,7 @@ def _tool(name: str) -> str:
 
 def compile_launch(launch: Launch, arch: int = 90) -> CompiledLaunch:
     """Compile ``launch`` for ``sm_<arch>`` (90: H100/H200) and read the cubin back."""
-    if interpreting():
+    if INTERPRETED:
         raise EasyQuantError("ahead-of-time compilation needs Triton's compiler: import easyquant.kernel "
                              "with TRITON_INTERPRET unset (run it in its own process)")  # fmt: skip
     import triton

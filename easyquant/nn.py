@@ -7,7 +7,8 @@ checkpoint, so a state dict loads straight into it. On a GPU with Triton, inputs
 weight with its Triton dequantizer and use cuBLAS. On the CPU the weight is dequantized on
 the fly in torch. Either way memory stays at the packed size between calls. ``backend``
 overrides the choice per module: ``"auto"``, ``"triton"`` (also on the CPU under
-``TRITON_INTERPRET=1``) or ``"torch"``.
+``TRITON_INTERPRET=1``) or ``"torch"``. The kernels are called as torch custom ops
+(:mod:`easyquant.ops`), so the module compiles whole under ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import kernel
+from . import kernel, ops
 from .errors import EasyQuantError
 from .groups import group_count
 from .packing import packed_cols
@@ -47,7 +48,6 @@ class EasyQuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.dtype = bits, min(group_size, in_features), dtype
-        self.outlier_mode: str | None = None  # the kernel's outlier path, chosen at the first fused call
         self._view: tuple[tuple[nn.Parameter, ...], QuantizedWeight] | None = None  # see quantized_weight()
         kw = {"device": device}
         self.packed = _frozen(torch.zeros(out_features, packed_cols(in_features, bits), dtype=torch.uint8, **kw))
@@ -89,12 +89,14 @@ class EasyQuantLinear(nn.Module):
         return "fused" if x.numel() <= KERNEL_MAX_ROWS * self.in_features else "dequantize"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qw, path = self.quantized_weight(), self.path(x)
+        path = self.path(x)
+        tensors = (self.packed, self.scales, self.outlier_rowptr, self.outlier_cols, self.outlier_values)
         if path == "fused":
-            if self.outlier_mode is None:  # decided once: it reads the row pointers
-                self.outlier_mode = kernel.outlier_mode(qw)
-            return kernel.qmatmul(x, qw, self.bias, outliers=self.outlier_mode)
-        w = kernel.dequantize(qw, x.dtype) if path == "dequantize" else qw.dequantize(x.dtype)
+            return ops.qmatmul(x, *tensors, self.bias, self.bits, self.group_size, self.out_features)
+        if path == "dequantize":
+            w = ops.dequantize(*tensors, self.bits, self.group_size, self.in_features, x.dtype)
+        else:
+            w = self.quantized_weight().dequantize(x.dtype)
         return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="the reduced form is the CPU one")
 def test_kernel_bench_reduced_form(tmp_path):
     out = tmp_path / "kernel.json"
-    args = ["--shapes", "cpu", "--batches", "1,3", "--fractions", "0,0.01", "--new-tokens", "2", "--reps", "1"]
+    args = ["--shapes", "cpu", "--batches", "1,3", "--fractions", "0,0.01", "--new-tokens", "2", "--reps", "1",
+            "--decode", "eager,compiled"]  # fmt: skip
     proc = subprocess.run([sys.executable, "bench/kernel.py", *args, "--json", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -30,8 +31,9 @@ def test_kernel_bench_reduced_form(tmp_path):
     assert {r["shape"] for r in layers} == {"256x512", "512x256"}
     assert all(r["kernel_us"] > 0 and r["speedup_vs_fp16"] > 0 for r in layers)
     assert any(r["outlier_fraction"] > 0.005 for r in layers)
-    (decode,) = result["decode"]
-    assert decode["easyquant_tokens_per_s"] > 0 and decode["easyquant_gib"] < decode["fp16_gib"]
+    eager, compiled = result["decode"]  # compiled: static cache, fullgraph through the custom ops
+    assert not eager["compiled"] and compiled["compiled"]
+    assert all(d["easyquant_tokens_per_s"] > 0 and d["easyquant_gib"] < d["fp16_gib"] for d in (eager, compiled))
 
 
 @pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"), reason="the reduced form is the CPU one")

@@ -1,0 +1,75 @@
+"""The Triton kernels as torch custom ops: ``torch.ops.easyquant.qmatmul`` and ``.dequantize``.
+
+``torch.compile`` cannot trace Triton's launcher or the host-side planning of
+:mod:`easyquant.kernel`; as opaque ops with shape-only fakes, an
+:class:`~easyquant.nn.EasyQuantLinear` compiles with ``fullgraph=True``, and so can run under
+CUDA graphs (``mode="reduce-overhead"``), which removes the per-linear launch cost that
+dominates decode in eager mode.
+
+``qmatmul`` also picks the outlier path of each weight (:func:`easyquant.kernel.outlier_mode`)
+on its first call and remembers it by the address of the row pointers: that reads them (a
+device sync), which must stay out of traced and captured code. A stale entry, after memory
+is reused by another weight, can only cost speed: both paths give the same result.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import kernel
+from .qweight import QuantizedWeight
+
+_outlier_modes: dict[tuple[int, str, int], str] = {}
+
+
+def _weight(packed, scales, rowptr, cols, values, bits, group_size, out_features, in_features, dtype):
+    return QuantizedWeight(packed, scales, rowptr, cols, values, bits, group_size, (out_features, in_features), dtype)
+
+
+@torch.library.custom_op("easyquant::qmatmul", mutates_args=())
+def qmatmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    rowptr: torch.Tensor,
+    cols: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    out_features: int,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` through :func:`easyquant.kernel.qmatmul`."""
+    qw = _weight(packed, scales, rowptr, cols, values, bits, group_size, out_features, x.shape[-1], x.dtype)
+    key = (rowptr.data_ptr(), str(rowptr.device), qw.outlier_count)
+    mode = _outlier_modes.get(key)
+    if mode is None:
+        mode = _outlier_modes[key] = kernel.outlier_mode(qw)
+    return kernel.qmatmul(x, qw, bias, outliers=mode)
+
+
+@qmatmul.register_fake
+def _(x, packed, scales, rowptr, cols, values, bias, bits, group_size, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("easyquant::dequantize", mutates_args=())
+def dequantize(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    rowptr: torch.Tensor,
+    cols: torch.Tensor,
+    values: torch.Tensor,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The dense weight, through :func:`easyquant.kernel.dequantize`."""
+    qw = _weight(packed, scales, rowptr, cols, values, bits, group_size, packed.shape[0], in_features, dtype)
+    return kernel.dequantize(qw, dtype)
+
+
+@dequantize.register_fake
+def _(packed, scales, rowptr, cols, values, bits, group_size, in_features, dtype):
+    return packed.new_empty((packed.shape[0], in_features), dtype=dtype)
