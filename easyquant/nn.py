@@ -90,13 +90,16 @@ class EasyQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self.path(x)
-        tensors = (self.packed, self.scales, self.outlier_rowptr, self.outlier_cols, self.outlier_values)
-        if path == "fused":
-            return ops.qmatmul(x, *tensors, self.bias, self.bits, self.group_size, self.out_features)
-        if path == "dequantize":
+        if path != "torch" and torch.compiler.is_compiling():  # one opaque op for torch.compile
+            tensors = (self.packed, self.scales, self.outlier_rowptr, self.outlier_cols, self.outlier_values)
+            if path == "fused":
+                return ops.qmatmul(x, *tensors, self.bias, self.bits, self.group_size, self.out_features)
             w = ops.dequantize(*tensors, self.bits, self.group_size, self.in_features, x.dtype)
-        else:
-            w = self.quantized_weight().dequantize(x.dtype)
+        else:  # eager: straight to the kernel, no dispatcher on the decode path's host time
+            qw = self.quantized_weight()
+            if path == "fused":
+                return kernel.qmatmul(x, qw, self.bias, outliers=ops.outlier_mode(qw))
+            w = kernel.dequantize(qw, x.dtype) if path == "dequantize" else qw.dequantize(x.dtype)
         return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -4,10 +4,10 @@
 :mod:`easyquant.kernel`; as opaque ops with shape-only fakes, an
 :class:`~easyquant.nn.EasyQuantLinear` compiles with ``fullgraph=True``, and so can run under
 CUDA graphs (``mode="reduce-overhead"``), which removes the per-linear launch cost that
-dominates decode in eager mode. In eager mode the module calls the same functions without the
-op: torch's dispatcher costs about 13 us a call on the host, as much as the rest of the work.
+dominates decode in eager mode. Eager calls go straight to the kernel instead: torch's
+dispatcher costs about 13 us a call on the host, as much as the rest of the work.
 
-``qmatmul`` also picks the outlier path of each weight (:func:`easyquant.kernel.outlier_mode`)
+:func:`outlier_mode` picks the outlier path of each weight (:func:`easyquant.kernel.outlier_mode`)
 on its first call and remembers it by the address of the row pointers: that reads them (a
 device sync), which must stay out of traced and captured code. A stale entry, after memory
 is reused by another weight, can only cost speed: both paths give the same result.
@@ -21,6 +21,15 @@ from . import kernel
 from .qweight import QuantizedWeight
 
 _outlier_modes: dict[tuple[int, str, int], str] = {}
+
+
+def outlier_mode(qw: QuantizedWeight) -> str:
+    """:func:`easyquant.kernel.outlier_mode`, decided once per weight (by its row pointers' address)."""
+    key = (qw.outlier_rowptr.data_ptr(), str(qw.outlier_rowptr.device), qw.outlier_count)
+    mode = _outlier_modes.get(key)
+    if mode is None:
+        mode = _outlier_modes[key] = kernel.outlier_mode(qw)
+    return mode
 
 
 def _weight(packed, scales, rowptr, cols, values, bits, group_size, out_features, in_features, dtype):
@@ -41,17 +50,13 @@ def _qmatmul(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` through :func:`easyquant.kernel.qmatmul`."""
     qw = _weight(packed, scales, rowptr, cols, values, bits, group_size, out_features, x.shape[-1], x.dtype)
-    key = (rowptr.data_ptr(), str(rowptr.device), qw.outlier_count)
-    mode = _outlier_modes.get(key)
-    if mode is None:
-        mode = _outlier_modes[key] = kernel.outlier_mode(qw)
-    return kernel.qmatmul(x, qw, bias, outliers=mode)
+    return kernel.qmatmul(x, qw, bias, outliers=outlier_mode(qw))
 
 
-_qmatmul_op = torch.library.custom_op("easyquant::qmatmul", _qmatmul, mutates_args=())
+qmatmul = torch.library.custom_op("easyquant::qmatmul", _qmatmul, mutates_args=())
 
 
-@_qmatmul_op.register_fake
+@qmatmul.register_fake
 def _(x, packed, scales, rowptr, cols, values, bias, bits, group_size, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
@@ -72,19 +77,9 @@ def _dequantize(
     return kernel.dequantize(qw, dtype)
 
 
-_dequantize_op = torch.library.custom_op("easyquant::dequantize", _dequantize, mutates_args=())
+dequantize = torch.library.custom_op("easyquant::dequantize", _dequantize, mutates_args=())
 
 
-@_dequantize_op.register_fake
+@dequantize.register_fake
 def _(packed, scales, rowptr, cols, values, bits, group_size, in_features, dtype):
     return packed.new_empty((packed.shape[0], in_features), dtype=dtype)
-
-
-def qmatmul(*args) -> torch.Tensor:
-    """``torch.ops.easyquant.qmatmul`` when torch.compile traces, the function itself in eager mode."""
-    return (_qmatmul_op if torch.compiler.is_compiling() else _qmatmul)(*args)
-
-
-def dequantize(*args) -> torch.Tensor:
-    """``torch.ops.easyquant.dequantize`` when torch.compile traces, the function itself in eager mode."""
-    return (_dequantize_op if torch.compiler.is_compiling() else _dequantize)(*args)
