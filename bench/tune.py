@@ -2,12 +2,13 @@
 
 For each layer shape and batch, on synthetic 4-bit weights with 0.5% outliers crowded into
 some rows (the outlier path ``outlier_mode`` picks for them): start from the tiles
-``default_config`` picks, then vary one launch parameter at a time (rows, columns and depth of
-a tile, split-K, warps, pipeline stages), keep a change when it is at least 2% faster and gives
-the same output as the default (a config that fails to compile or disagrees is reported and
-skipped), and go round again until nothing helps or ``--rounds`` are done. Prints the best
-config per case against the default and against fp16 cuBLAS, timed in the same run
-(``do_bench``, L2 flushed), and writes JSON. One GPU call tunes the 7B shapes; the results are
+``default_config`` picks (one-row decode also tries thin tiles without split-K, two moves
+away), then vary one launch parameter at a time (rows, columns and depth of a tile, split-K,
+warps, pipeline stages), keep a change when it is at least 2% faster and gives the same output
+as the default (a config that fails to compile or disagrees is reported and skipped), and go
+round again until nothing helps or ``--rounds`` are done. Prints the best config per case
+against the default and against fp16 cuBLAS, timed in the same run (``do_bench``, L2
+flushed), and writes JSON. One GPU call tunes the 7B shapes; the results are
 for a person to fold into ``default_config``.
 
 Without a GPU a reduced form runs on the CPU under TRITON_INTERPRET=1 (a small shape, few
@@ -53,6 +54,14 @@ def neighbours(cfg: KernelConfig, m: int, choices: dict[str, list[int]]) -> list
     return out
 
 
+def seeds(start: KernelConfig, choices: dict[str, list[int]]) -> list[KernelConfig]:
+    """Thin decode tiles with no split-K (no fp32 buffer to clear and cast): two moves away from
+    the default, which one-at-a-time search could miss."""
+    if start.block_m != 1 or "block_k" not in choices:
+        return []
+    return [replace(start, block_n=n, block_k=256, split_k=1) for n in (16, 32)]
+
+
 def agrees(y: torch.Tensor, ref: torch.Tensor) -> bool:
     """Same output up to the summation order a different tiling or split brings."""
     return bool((y.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max() + 1e-3)
@@ -63,9 +72,9 @@ def search(x: torch.Tensor, qw: QuantizedWeight, start: KernelConfig, time_it: C
     ref = qmatmul(x, qw, config=start)
     best, t_best = start, time_it(lambda: qmatmul(x, qw, config=start))
     t_default, tried, rejected = t_best, {start}, []
-    for _ in range(rounds):
+    for r in range(rounds):
         improved = False
-        for cand in neighbours(best, x.shape[0], choices):
+        for cand in (seeds(start, choices) if r == 0 else []) + neighbours(best, x.shape[0], choices):
             if cand in tried:
                 continue
             tried.add(cand)
