@@ -42,7 +42,7 @@ def row(what: dict, c: CompiledLaunch) -> dict:
     return {
         **what, "kernel": c.kernel.strip("_"), "registers": c.registers, "stack_bytes": c.stack_bytes,
         "shared_kib": c.shared_bytes / 1024, "warps_per_sm": c.warps_per_sm_by_registers(),
-        "tensor_cores": c.tensor_cores(), "loads_by_bits": c.global_loads(),
+        "tensor_cores": c.tensor_cores(), "pipelined": c.pipelined(), "loads_by_bits": c.global_loads(),
         "shuffles": c.count("SHFL"), "atomics": c.count("RED.", "REDG", "ATOM"),
     }  # fmt: skip
 
@@ -113,10 +113,11 @@ def main() -> None:
 
 def table(rows: list[dict], meta: dict) -> str:
     head = ["kernel", "shape", "batch", "dtype", "weight", "config", "regs", "stack B", "smem KiB", "warps/SM",
-            "tensor cores", "global loads (bits: count)", "shuffles", "atomics"]  # fmt: skip
+            "tensor cores", "async copies", "global loads (bits: count)", "shuffles", "atomics"]  # fmt: skip
     cells = [[r["kernel"], r["shape"], r["batch"], r["dtype"], r["weight"], r["config"], r["registers"],
               r["stack_bytes"], f"{r['shared_kib']:.1f}", r["warps_per_sm"], r["tensor_cores"],
-              " ".join(f"{b}:{n}" for b, n in r["loads_by_bits"].items()), r["shuffles"], r["atomics"]]
+              "yes" if r["pipelined"] else "-", " ".join(f"{b}:{n}" for b, n in r["loads_by_bits"].items()),
+              r["shuffles"], r["atomics"]]
              for r in rows]  # fmt: skip
     return (
         f"Compiled for {meta['target']} by Triton {meta['triton']} ({meta['date']}; split-K sized for "

@@ -38,7 +38,7 @@ from easyquant.qweight import QuantizedWeight
 
 GPU_CHOICES = {"block_n": [16, 32, 64, 128], "block_k": [32, 64, 128, 256], "split_k": [1, 2, 4, 8, 16],
                "num_warps": [2, 4, 8], "num_stages": [2, 3, 4]}  # fmt: skip
-CPU_CHOICES = {"block_n": [16, 32], "split_k": [1, 2]}
+CPU_CHOICES = {"block_n": [16, 64], "split_k": [1, 4]}  # none the default: 4 neighbours
 
 
 def neighbours(cfg: KernelConfig, m: int, choices: dict[str, list[int]]) -> list[KernelConfig]:

@@ -134,9 +134,15 @@ def fit_block_k(block_k: int, group: int) -> int:
 def default_config(m: int, n: int, k: int, sms: int, outliers: str = "fused", group: int = 0) -> KernelConfig:
     """Decode shapes (few rows): thin tiles and split-K until about two waves of programs on
     ``sms`` multiprocessors; prefill shapes: square tensor-core tiles. With scale groups of
-    ``group`` columns (0: one scale per row), K blocks shrink to fit inside one group."""
-    if m <= 8:
-        block_m, block_n, block_k = (1 if m == 1 else 16), 64, 128
+    ``group`` columns (0: one scale per row), K blocks shrink to fit inside one group.
+
+    The shapes follow what the compiler makes of them for sm_90 (bench/results/compiled.md):
+    one-row tiles of 32 x 256 with 64 codes per thread (4 warps; 2 when groups cut K to 128)
+    are software-pipelined with 128-bit async copies and need almost no warp shuffles, where
+    64 x 128 tiles spent hundreds; tensor-core tiles take outliers 16 at a time (32 spilled).
+    GPU timings are to confirm them: bench/tune.py."""
+    if m == 1:
+        block_m, block_n, block_k = 1, 32, 256
     elif m <= 32:
         block_m, block_n, block_k = 16 if m <= 16 else 32, 64, 128
     else:
@@ -144,9 +150,10 @@ def default_config(m: int, n: int, k: int, sms: int, outliers: str = "fused", gr
     block_k = fit_block_k(block_k, group)
     tiles = max(1, _cdiv(m, block_m) * _cdiv(n, block_n))
     split = max(1, min(2 * sms // tiles, _cdiv(k, block_k), 16))
-    # Tensor-core tiles take outliers 16 at a time: 32 made 64-row tiles spill (bench/results/compiled.md).
-    block_nnz = 32 if block_m == 1 else 16
-    return KernelConfig(block_m, block_n, block_k, block_nnz, split_k=split, outliers=outliers)
+    if block_m == 1:  # 64 codes per thread
+        warps = max(1, block_n * block_k // 2048)
+        return KernelConfig(1, block_n, block_k, 32, split, num_warps=warps, outliers=outliers)
+    return KernelConfig(block_m, block_n, block_k, 16, split, outliers=outliers)
 
 
 if triton is not None:
@@ -209,7 +216,7 @@ if triton is not None:
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NNZ: tl.constexpr,
         SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
+        HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr,
     ):  # fmt: skip
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -221,7 +228,9 @@ if triton is not None:
             partial = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         qmin = -(1 << (BITS - 1))
 
-        for kb in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
+        # num_stages on the loop itself: without it Triton pipelines only loads that feed tl.dot,
+        # and the one-row path (no dot) would wait for every tile's codes (bench/results/compiled.md).
+        for kb in tl.range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K, num_stages=NUM_STAGES):
             k0 = kb * BLOCK_K
             rk = k0 + tl.arange(0, BLOCK_K)
             k_mask = rk < K
@@ -406,7 +415,7 @@ def plan_qmatmul(
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_NNZ=cfg.block_nnz,
              SPLIT_K=cfg.split_k, ATOMIC=atomic,
              PRECISION="ieee" if x.dtype == torch.float32 or interpreted_bf16 else "tf32",
-             UPCAST=interpreted_bf16, HAS_BIAS=bias is not None),
+             UPCAST=interpreted_bf16, HAS_BIAS=bias is not None, NUM_STAGES=cfg.num_stages),
         cfg.num_warps, cfg.num_stages,
     )]  # fmt: skip
     if balanced:

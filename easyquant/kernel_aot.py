@@ -6,7 +6,7 @@ right dtypes and shapes) is specialised exactly as Triton's JIT would specialise
 to a cubin for the chosen architecture with the ``ptxas`` that ships in Triton's wheel, and
 read back with the ``cuobjdump`` and ``nvdisasm`` that ship beside it: registers, local
 memory (spills), shared memory and which machine instructions the kernel uses (tensor-core
-MMAs, global load widths, warp shuffles, atomics). That proves the kernels compile for the
+MMAs, global load widths, asynchronous copies, warp shuffles, atomics). That proves the kernels compile for the
 GPU and shows what the compiler made of each tile shape; it says nothing of speed.
 
 Needs Triton's compiler, so ``TRITON_INTERPRET`` must be off when :mod:`easyquant.kernel`
@@ -50,14 +50,19 @@ class CompiledLaunch:
         return sum(n for op, n in self.opcodes.items() if op.startswith(prefixes))
 
     def global_loads(self) -> dict[int, int]:
-        """Static count of global loads by width in bits (``LDG.E.128`` -> 128; ``LDG.E`` -> 32)."""
+        """Static count of global loads, plain and asynchronous (``LDGSTS``), by width in bits
+        (``LDG.E.128`` -> 128; ``LDG.E`` -> 32)."""
         widths: Counter = Counter()
         for op, n in self.opcodes.items():
-            if op.startswith("LDG"):
+            if op.startswith(("LDG.", "LDGSTS.")):
                 size = re.search(r"\.(U8|S8|U16|S16|64|128)\b", op)
                 widths[{"U8": 8, "S8": 8, "U16": 16, "S16": 16}.get(size.group(1), 0) or int(size.group(1))
                        if size else 32] += n  # fmt: skip
         return dict(sorted(widths.items()))
+
+    def pipelined(self) -> bool:
+        """Whether global loads are issued ahead as asynchronous copies (cp.async or TMA)."""
+        return self.count("LDGSTS", "UTMALDG") > 0
 
     def tensor_cores(self) -> str:
         """The tensor-core instruction family used (``HGMMA``, ``HMMA``) or ``"-"``."""

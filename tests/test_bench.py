@@ -51,8 +51,9 @@ def test_tile_search_reduced_form(tmp_path):
 
 def test_kernels_compile_for_h100(tmp_path):
     """The kernels as qmatmul launches them compile for sm_90 with Triton's own ptxas, and the
-    machine code keeps the properties speed depends on: no spills on the decode path,
-    128-bit loads of the packed codes, tensor-core MMAs for batches of 16 and more."""
+    machine code keeps the properties speed depends on: no spills on the decode path, the
+    packed 4-bit codes loaded 128 bits wide and ahead of use (async copies), tensor-core MMAs
+    for batches of 16 and more."""
     pytest.importorskip("triton")
     out = tmp_path / "compiled.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -68,6 +69,7 @@ def test_kernels_compile_for_h100(tmp_path):
     matmuls = [r for r in rows if r["kernel"] == "qmatmul_kernel"]
     decode = [r for r in matmuls if r["batch"] == 1 and r["weight"] != "4-bit g100"]  # ragged groups: gathers
     assert decode and all(r["stack_bytes"] == 0 for r in decode)
-    assert all("128" in r["loads_by_bits"] for r in decode if r["weight"].startswith("4-bit"))
+    four_bit = [r for r in decode if r["weight"].startswith("4-bit")]
+    assert four_bit and all("128" in r["loads_by_bits"] and r["pipelined"] for r in four_bit)
     assert all(r["tensor_cores"] != "-" for r in matmuls if r["batch"] >= 16)
     assert "| kernel | shape |" in proc.stdout
