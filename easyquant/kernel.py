@@ -6,8 +6,8 @@ splits exactly into a dense part and a sparse part:
 
 - dense: each program owns a ``(BLOCK_M, BLOCK_N)`` tile of ``y``, streams the packed codes
   of its ``BLOCK_N`` weight rows ``BLOCK_K`` columns at a time, unpacks them in registers
-  (two 4-bit codes per byte with an interleave, other widths by reading the one or two bytes
-  each code straddles), applies per-row scales once after the reduction or per-group scales
+  (each packed byte, or 32-bit word for widths that do not divide 8, loaded once and its
+  codes spread into columns by interleaves), applies per-row scales once after the reduction or per-group scales
   on the tile, and multiplies on the tensor cores (``tl.dot``); a one-row tile (decode) instead
   multiply-adds elementwise into a ``(BLOCK_N, BLOCK_K)`` partial that is summed over K once,
   after the loop, so the loop has no cross-thread reduction;
@@ -159,43 +159,77 @@ def default_config(m: int, n: int, k: int, sms: int, outliers: str = "fused", gr
 if triton is not None:
 
     @triton.jit
-    def _field(word, j: tl.constexpr, BITS: tl.constexpr):
-        """Code ``j`` of the codes packed lowest bits first into each element of ``word``, as int32."""
-        return ((word >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.int32)
+    def _pick(w0, w1, w2, w3, w4, w5, w6, i: tl.constexpr):
+        """Word ``i`` of a group held as separate planes (chosen at compile time)."""
+        if i == 0:
+            w = w0
+        else:
+            w = _pick(w1, w2, w3, w4, w5, w6, w6, i - 1)
+        return w
 
     @triton.jit
-    def _unpack_tile(packed_ptr, row_bytes, rn, k0, n_mask, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _code(w0, w1, w2, w3, w4, w5, w6, j: tl.constexpr, BITS: tl.constexpr, WORD_BITS: tl.constexpr):
+        """Code ``j`` of a group of codes packed lowest bits first into words ``w0, w1, ...`` of
+        ``WORD_BITS`` unsigned bits, joining the two words it straddles; int32."""
+        lo = _pick(w0, w1, w2, w3, w4, w5, w6, j * BITS // WORD_BITS) >> (j * BITS % WORD_BITS)
+        if j * BITS % WORD_BITS + BITS > WORD_BITS:
+            hi = _pick(w0, w1, w2, w3, w4, w5, w6, j * BITS // WORD_BITS + 1)
+            lo = lo | (hi << (WORD_BITS - j * BITS % WORD_BITS))
+        return (lo & ((1 << BITS) - 1)).to(tl.int32)
+
+    @triton.jit
+    def _spread(w0, w1, w2, w3, w4, w5, w6, BITS: tl.constexpr, WORD_BITS: tl.constexpr,
+                FIRST: tl.constexpr, STEP: tl.constexpr, COUNT: tl.constexpr):  # fmt: skip
+        """Codes ``FIRST, FIRST + STEP, ...`` (``COUNT`` of them) of every group, as consecutive
+        columns: each level interleaves the even-numbered codes with the odd-numbered ones."""
+        if COUNT == 1:
+            codes = _code(w0, w1, w2, w3, w4, w5, w6, FIRST, BITS, WORD_BITS)
+        else:
+            codes = tl.interleave(
+                _spread(w0, w1, w2, w3, w4, w5, w6, BITS, WORD_BITS, FIRST, 2 * STEP, COUNT // 2),
+                _spread(w0, w1, w2, w3, w4, w5, w6, BITS, WORD_BITS, FIRST + STEP, 2 * STEP, COUNT // 2),
+            )
+        return codes
+
+    @triton.jit
+    def _unpack_tile(packed_ptr, row_stride, rn, k0, n_mask, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                     WORDS: tl.constexpr):  # fmt: skip
         """Unsigned codes ``(BLOCK_N, BLOCK_K)`` of rows ``rn``, columns ``k0 + arange(BLOCK_K)`` (int32).
 
-        Codes come 8 to a word of ``BITS`` bytes (:mod:`easyquant.packing`). Widths that divide 8
-        load each byte once as one contiguous (vectorisable) tile and spread its codes into
-        columns with interleaves; the others load a word's ``BITS`` bytes as strided planes, join
-        them, and spread the word's 8 codes the same way. Every packed byte is loaded once.
+        Every packed byte is loaded once (:mod:`easyquant.packing`: 8 codes to every ``BITS``
+        bytes) and its codes spread into columns with interleaves. Widths that divide 8 load the
+        bytes as one contiguous, vectorisable tile. The others, with ``WORDS`` (``packed_ptr``
+        viewed as int32, rows 4-byte aligned), load each group of 32 codes as ``BITS`` strided
+        planes of 32-bit words, which asynchronous copies can prefetch; without, as ``BITS``
+        planes of bytes joined into one word per 8 codes.
         """
-        row = packed_ptr + rn[:, None].to(tl.int64) * row_bytes
+        row = packed_ptr + rn[:, None].to(tl.int64) * row_stride
         if 8 % BITS == 0:
             rb = k0 * BITS // 8 + tl.arange(0, BLOCK_K * BITS // 8)
-            word = tl.load(row + rb[None, :], mask=n_mask[:, None] & (rb < row_bytes)[None, :], other=0)
-            word = word.to(tl.int32)
-            if BITS == 8:
-                codes = word
-            elif BITS == 4:
-                codes = tl.interleave(_field(word, 0, BITS), _field(word, 1, BITS))
-            else:  # 2 bits: columns 4i..4i+3 from fields 0..3 of byte i
-                codes = tl.interleave(tl.interleave(_field(word, 0, BITS), _field(word, 2, BITS)),
-                                      tl.interleave(_field(word, 1, BITS), _field(word, 3, BITS)))  # fmt: skip
+            w = tl.load(row + rb[None, :], mask=n_mask[:, None] & (rb < row_stride)[None, :], other=0).to(tl.int32)
+            codes = _spread(w, w, w, w, w, w, w, BITS, 8, 0, 1, 8 // BITS)
+        elif WORDS:
+            wi = (k0 // 32 + tl.arange(0, BLOCK_K // 32)) * BITS
+            mask = n_mask[:, None] & (wi < row_stride)[None, :]
+            w0 = tl.load(row + wi[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+            w1 = tl.load(row + (wi + 1)[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+            w2 = tl.load(row + (wi + 2)[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+            w3, w4, w5, w6 = w0, w0, w0, w0
+            if BITS > 3:
+                w3 = tl.load(row + (wi + 3)[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+                w4 = tl.load(row + (wi + 4)[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+            if BITS > 5:
+                w5 = tl.load(row + (wi + 5)[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+            if BITS > 6:
+                w6 = tl.load(row + (wi + 6)[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+            codes = _spread(w0, w1, w2, w3, w4, w5, w6, BITS, 32, 0, 1, 32)
         else:
             wb = (k0 // 8 + tl.arange(0, BLOCK_K // 8)) * BITS
-            mask = n_mask[:, None] & (wb < row_bytes)[None, :]
-            word = tl.zeros((rn.shape[0], BLOCK_K // 8), dtype=tl.int32 if BITS <= 3 else tl.int64)
-            for b in tl.static_range(BITS):  # 3 bits: 24-bit words; 5-7 bits need 64
-                word |= tl.load(row + (wb + b)[None, :], mask=mask, other=0).to(word.dtype) << (8 * b)
-            codes = tl.interleave(
-                tl.interleave(tl.interleave(_field(word, 0, BITS), _field(word, 4, BITS)),
-                              tl.interleave(_field(word, 2, BITS), _field(word, 6, BITS))),
-                tl.interleave(tl.interleave(_field(word, 1, BITS), _field(word, 5, BITS)),
-                              tl.interleave(_field(word, 3, BITS), _field(word, 7, BITS))),
-            )  # fmt: skip
+            mask = n_mask[:, None] & (wb < row_stride)[None, :]
+            w = tl.zeros((rn.shape[0], BLOCK_K // 8), dtype=tl.int64)
+            for b in tl.static_range(BITS):  # up to 56 bits: one int64 per 8 codes
+                w |= tl.load(row + (wb + b)[None, :], mask=mask, other=0).to(tl.int64) << (8 * b)
+            codes = _spread(w, w, w, w, w, w, w, BITS, 64, 0, 1, 8)
         return codes
 
     @triton.jit
@@ -212,11 +246,11 @@ if triton is not None:
     @triton.jit
     def _qmatmul_kernel(
         x_ptr, y_ptr, packed_ptr, scales_ptr, rowptr_ptr, cols_ptr, vals_ptr, bias_ptr,
-        M, N, K, stride_xm, stride_ym, row_bytes, n_groups,
+        M, N, K, stride_xm, stride_ym, row_stride, n_groups,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NNZ: tl.constexpr,
         SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr,
+        HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr, WORDS: tl.constexpr,
     ):  # fmt: skip
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -235,7 +269,7 @@ if triton is not None:
             rk = k0 + tl.arange(0, BLOCK_K)
             k_mask = rk < K
             x = tl.load(x_rows + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            codes = _unpack_tile(packed_ptr, row_bytes, rn, k0, n_mask, BITS, BLOCK_K)
+            codes = _unpack_tile(packed_ptr, row_stride, rn, k0, n_mask, BITS, BLOCK_K, WORDS)
             q = (codes + qmin).to(tl.float32)
             if not PER_ROW:
                 q = q * _group_scales(scales_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K)
@@ -307,15 +341,15 @@ if triton is not None:
 
     @triton.jit
     def _dequantize_kernel(
-        w_ptr, packed_ptr, scales_ptr, N, K, row_bytes, n_groups,
-        BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        w_ptr, packed_ptr, scales_ptr, N, K, row_stride, n_groups,
+        BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr,
     ):  # fmt: skip
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k0 = tl.program_id(1) * BLOCK_K
         rk = k0 + tl.arange(0, BLOCK_K)
         n_mask, k_mask = rn < N, rk < K
         mask = n_mask[:, None] & k_mask[None, :]
-        codes = _unpack_tile(packed_ptr, row_bytes, rn, k0, n_mask, BITS, BLOCK_K)
+        codes = _unpack_tile(packed_ptr, row_stride, rn, k0, n_mask, BITS, BLOCK_K, WORDS)
         s = _group_scales(scales_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K)
         w = (codes - (1 << (BITS - 1))).to(tl.float32) * s
         tl.store(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
@@ -350,15 +384,25 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
+def _packed_rows(qw: QuantizedWeight, block_k: int) -> tuple[torch.Tensor, int, bool]:
+    """The packed codes as the kernels read them, their row stride in elements, and whether they
+    are read as 32-bit words: widths that do not divide 8, with rows a whole number of words."""
+    row_bytes = qw.packed.shape[1]
+    if 8 % qw.bits and row_bytes % 4 == 0 and block_k % 32 == 0:
+        return qw.packed.view(torch.int32), row_bytes // 4, True
+    return qw.packed, row_bytes, False
+
+
 def plan_dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, Launch]:
     """The output buffer of :func:`dequantize` and the launch that fills its dense part."""
     n, k = qw.shape
     w = torch.empty(n, k, dtype=dtype, device=qw.packed.device)
     block_n, block_k = 32, fit_block_k(128, qw.group_size)
+    packed, row_stride, words = _packed_rows(qw, block_k)
     launch = Launch(
         _dequantize_kernel, (_cdiv(n, block_n), _cdiv(k, block_k)),
-        (w, qw.packed, qw.scales, n, k, qw.packed.shape[1], qw.scales.shape[1]),
-        dict(BITS=qw.bits, GROUP=qw.group_size, BLOCK_N=block_n, BLOCK_K=block_k),
+        (w, packed, qw.scales, n, k, row_stride, qw.scales.shape[1]),
+        dict(BITS=qw.bits, GROUP=qw.group_size, BLOCK_N=block_n, BLOCK_K=block_k, WORDS=words),
     )  # fmt: skip
     return w, launch
 
@@ -405,17 +449,18 @@ def plan_qmatmul(
     # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584):
     # there, dot the same bf16 values in fp32, which is what the GPU's bf16 MMA accumulates.
     interpreted_bf16 = x.dtype == torch.bfloat16 and not x.is_cuda and INTERPRETED
+    packed, row_stride, words = _packed_rows(qw, cfg.block_k)
     launches = [Launch(
         _qmatmul_kernel, (_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n), cfg.split_k),
-        (x2, y, qw.packed, qw.scales, qw.outlier_rowptr, qw.outlier_cols, qw.outlier_values,
+        (x2, y, packed, qw.scales, qw.outlier_rowptr, qw.outlier_cols, qw.outlier_values,
          x2 if bias is None else bias.contiguous(),
-         m, n, k, x2.stride(0), y.stride(0), qw.packed.shape[1], qw.scales.shape[1]),
+         m, n, k, x2.stride(0), y.stride(0), row_stride, qw.scales.shape[1]),
         dict(BITS=qw.bits, GROUP=qw.group_size, PER_ROW=per_row,
              HAS_OUTLIERS=qw.outlier_count > 0 and not balanced,
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_NNZ=cfg.block_nnz,
              SPLIT_K=cfg.split_k, ATOMIC=atomic,
              PRECISION="ieee" if x.dtype == torch.float32 or interpreted_bf16 else "tf32",
-             UPCAST=interpreted_bf16, HAS_BIAS=bias is not None, NUM_STAGES=cfg.num_stages),
+             UPCAST=interpreted_bf16, HAS_BIAS=bias is not None, NUM_STAGES=cfg.num_stages, WORDS=words),
         cfg.num_warps, cfg.num_stages,
     )]  # fmt: skip
     if balanced:

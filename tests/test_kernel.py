@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from conftest import heavy_tailed, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
-from easyquant.kernel import KernelConfig, available, dequantize, outlier_mode, qmatmul
+from easyquant.kernel import KernelConfig, _packed_rows, available, dequantize, outlier_mode, qmatmul
 from easyquant.nn import KERNEL_MAX_ROWS, EasyQuantLinear
 from easyquant.packing import pack
 from easyquant.pipeline import quantize_model
@@ -52,6 +52,20 @@ def test_every_width_layout_and_dtype(bits, group_size, dtype):
     assert qw.outlier_count > 0
     x = torch.randn(3, 200, dtype=dtype, device=DEVICE)
     check(qmatmul(x, qw), x, qw)
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+@pytest.mark.parametrize("group_size", [None, 32, 48])
+def test_odd_widths_read_as_word_planes(bits, group_size):
+    """Widths that do not divide 8, with rows a whole number of 32-bit words (224 and 256
+    columns), are read as planes of words: decode and prefill tiles and the dequantizer match."""
+    for cols in (224, 256):
+        qw = quantized(40, cols, bits, group_size, n_sigma=2.5, seed=bits)
+        assert _packed_rows(qw, 128)[2]
+        for rows in (1, 5):
+            x = torch.randn(rows, cols, dtype=torch.float32, device=DEVICE)
+            check(qmatmul(x, qw), x, qw)
+        assert torch.equal(dequantize(qw, torch.float32), qw.dequantize(torch.float32))
 
 
 CONFIGS = [
