@@ -82,7 +82,7 @@ def layer_rows(args: argparse.Namespace, device: str, peak: float | None) -> lis
                 t = {o: time_it(lambda o=o: qmatmul(x, qw, outliers=o)) for o in OUTLIER_MODES}  # noqa: B023
                 moved = qw.nbytes + x.numel() * x.element_size() + m * n * x.element_size()
                 gbps = moved / t[mode] / 1e9
-                cfg = default_config(m, n, k, multiprocessors(x.device))
+                cfg = default_config(m, n, k, multiprocessors(x.device), mode, qw.group_size)
                 rows.append({
                     "shape": f"{n}x{k}", "batch": m, "outlier_fraction": qw.outlier_fraction, "layout": layout,
                     "tile_skew": skew, "mode": mode,
@@ -90,7 +90,7 @@ def layer_rows(args: argparse.Namespace, device: str, peak: float | None) -> lis
                     "fused_us": t["fused"] * 1e6, "balanced_us": t["balanced"] * 1e6, "kernel_us": t[mode] * 1e6,
                     "speedup_vs_fp16": t_fp16 / t[mode], "outlier_cost": t[mode] / t_dense - 1,
                     "gbps": gbps, "peak_share": gbps / peak if peak else None,
-                    "config": f"m{cfg.block_m} n{cfg.block_n} k{cfg.block_k} split{cfg.split_k}",
+                    "config": str(cfg),
                 })  # fmt: skip
                 r = rows[-1]
                 print(f"{r['shape']:>11} b{m:<4} {fraction:6.2%} {layout:7s} fp16 {r['fp16_us']:9.1f}us "

@@ -96,7 +96,7 @@ def search(x: torch.Tensor, qw: QuantizedWeight, start: KernelConfig, time_it: C
 
 
 def tiles(c: dict) -> str:
-    return f"m{c['block_m']} n{c['block_n']} k{c['block_k']} s{c['split_k']} w{c['num_warps']} st{c['num_stages']}"
+    return str(KernelConfig(**c))
 
 
 def main() -> None:
@@ -119,7 +119,7 @@ def main() -> None:
         w16 = qw.dequantize(dtype)
         for m in (int(b) for b in args.batches.split(",")):
             x = torch.randn(m, k, device=device, dtype=dtype)
-            start = default_config(m, n, k, multiprocessors(x.device), mode)
+            start = default_config(m, n, k, multiprocessors(x.device), mode, qw.group_size)
             r = {"shape": f"{n}x{k}", "batch": m, "mode": mode,
                  "fp16_us": time_it(lambda: torch.nn.functional.linear(x, w16)) * 1e6,  # noqa: B023
                  **search(x, qw, start, time_it, args.rounds, choices)}  # fmt: skip

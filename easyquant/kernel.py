@@ -92,6 +92,10 @@ class KernelConfig:
         if self.outliers not in OUTLIER_MODES:
             raise EasyQuantError(f"KernelConfig.outliers must be one of {OUTLIER_MODES}, got {self.outliers!r}")
 
+    def __str__(self) -> str:
+        return (f"m{self.block_m} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} "
+                f"st{self.num_stages}")  # fmt: skip
+
 
 @functools.cache
 def multiprocessors(device: torch.device) -> int:
@@ -133,8 +137,8 @@ def fit_block_k(block_k: int, group: int) -> int:
 @functools.cache  # called on every forward: keep it off the decode path's CPU time
 def default_config(m: int, n: int, k: int, sms: int, outliers: str = "fused", group: int = 0) -> KernelConfig:
     """Decode shapes (few rows): thin tiles and split-K until about two waves of programs on
-    ``sms`` multiprocessors; prefill shapes: square tensor-core tiles. With scale groups of
-    ``group`` columns (0: one scale per row), K blocks shrink to fit inside one group.
+    ``sms`` multiprocessors; prefill shapes: square tensor-core tiles. K blocks shrink to fit
+    inside one scale group of ``group`` columns (a weight's ``group_size``; 0: no limit).
 
     The shapes follow what the compiler makes of them for sm_90 (bench/results/compiled.md):
     one-row tiles of 32 x 256 with 64 codes per thread (4 warps; 2 when groups cut K to 128)
@@ -436,8 +440,7 @@ def plan_qmatmul(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    per_row = qw.scales.shape[1] == 1
-    cfg = config or default_config(m, n, k, multiprocessors(x.device), outliers, 0 if per_row else qw.group_size)
+    cfg = config or default_config(m, n, k, multiprocessors(x.device), outliers, qw.group_size)
     balanced = cfg.outliers == "balanced" and qw.outlier_count > 0
     atomic = cfg.split_k > 1
     if atomic:
@@ -455,7 +458,7 @@ def plan_qmatmul(
         (x2, y, packed, qw.scales, qw.outlier_rowptr, qw.outlier_cols, qw.outlier_values,
          x2 if bias is None else bias.contiguous(),
          m, n, k, x2.stride(0), y.stride(0), row_stride, qw.scales.shape[1]),
-        dict(BITS=qw.bits, GROUP=qw.group_size, PER_ROW=per_row,
+        dict(BITS=qw.bits, GROUP=qw.group_size, PER_ROW=qw.scales.shape[1] == 1,
              HAS_OUTLIERS=qw.outlier_count > 0 and not balanced,
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_NNZ=cfg.block_nnz,
              SPLIT_K=cfg.split_k, ATOMIC=atomic,

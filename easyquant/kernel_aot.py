@@ -27,21 +27,19 @@ from .kernel import INTERPRETED, Launch
 
 # Opcode families worth counting in SASS, by the prefix of the mnemonic.
 TENSOR_CORE_OPS = ("HGMMA", "HMMA")  # Hopper warpgroup MMA; warp-level MMA
-_REG_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_REG_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)")
 _SASS_OP = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
 
 
 @dataclass(frozen=True)
 class CompiledLaunch:
-    """What ``ptxas`` made of one launch: per-thread registers and local memory (``stack_bytes``
-    above 0 means spills or a stack frame), shared memory per program, and SASS opcode counts."""
+    """What ``ptxas`` made of one launch: per-thread registers and stack (``stack_bytes`` above 0
+    means spills to local memory), shared memory per program, and SASS opcode counts."""
 
     kernel: str
-    arch: int
     num_warps: int
     registers: int
     stack_bytes: int
-    local_bytes: int
     shared_bytes: int
     opcodes: Counter
 
@@ -124,8 +122,8 @@ def compile_launch(launch: Launch, arch: int = 90) -> CompiledLaunch:
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)],
                                capture_output=True, text=True, check=True).stdout  # fmt: skip
         sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-    regs, stack, _, local = map(int, _REG_LINE.search(usage).groups())
+    regs, stack = map(int, _REG_LINE.search(usage).groups())
     return CompiledLaunch(
-        kernel=launch.kernel.__name__, arch=arch, num_warps=launch.num_warps, registers=regs, stack_bytes=stack,
-        local_bytes=local, shared_bytes=compiled.metadata.shared, opcodes=Counter(_SASS_OP.findall(sass)),
+        kernel=launch.kernel.__name__, num_warps=launch.num_warps, registers=regs, stack_bytes=stack,
+        shared_bytes=compiled.metadata.shared, opcodes=Counter(_SASS_OP.findall(sass)),
     )  # fmt: skip

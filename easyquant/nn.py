@@ -91,7 +91,7 @@ class EasyQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self.path(x)
         if path != "torch" and torch.compiler.is_compiling():  # one opaque op for torch.compile
-            tensors = (self.packed, self.scales, self.outlier_rowptr, self.outlier_cols, self.outlier_values)
+            tensors = [self._parameters[name] for name in QUANTIZED_TENSORS]
             if path == "fused":
                 return ops.qmatmul(x, *tensors, self.bias, self.bits, self.group_size, self.out_features)
             w = ops.dequantize(*tensors, self.bits, self.group_size, self.in_features, x.dtype)
