@@ -13,6 +13,8 @@ from .pipeline import Options, quantize_model
 from .quantize import QuantConfig
 from .solvers import SOLVERS
 
+DTYPES = ("bfloat16", "float32", "float16")
+
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=4, help="2 to 8 (default 4)")
@@ -59,6 +61,13 @@ def _add_eval_args(p: argparse.ArgumentParser, out: Path | None) -> None:
     p.add_argument("--calib-windows", type=int, default=16)
     p.add_argument(
         "--gen-tokens", type=int, default=32, help="tokens generated to time packed models (default 32; 0: skip)"
+    )
+    p.add_argument(
+        "--gen-dtype",
+        choices=DTYPES,
+        default="bfloat16",
+        help="dtype the timed models generate in (default bfloat16: on a CPU, 4-bit weights then run through "
+        "torch's int4 kernel; float32 dequantizes every weight at every step)",
     )
     p.add_argument("--out", type=Path, default=out, help="output folder" + (f" (default {out})" if out else ""))
 
@@ -148,7 +157,14 @@ def cmd_compare(a: argparse.Namespace) -> None:
     )
     print(title)
     fp, rows = compare(
-        model, windows, calib, methods, bits, on_row=lambda r: print(r, flush=True), gen_tokens=a.gen_tokens
+        model,
+        windows,
+        calib,
+        methods,
+        bits,
+        on_row=lambda r: print(r, flush=True),
+        gen_tokens=a.gen_tokens,
+        gen_dtype=getattr(torch, a.gen_dtype),
     )
     meta = {
         "date": datetime.date.today().isoformat(),
@@ -159,6 +175,7 @@ def cmd_compare(a: argparse.Namespace) -> None:
         "calibration": str(calib_text),
         "window": a.window,
         "gen_tokens": a.gen_tokens,
+        "gen_dtype": a.gen_dtype,
     }
     write_results(a.out, fp, rows, meta, title)
     print(markdown(fp, rows))

@@ -144,7 +144,7 @@ class Row:
     top1: float
     seconds: float
     size_mib: float
-    tokens_per_s: float | None  # greedy generation, batch 1; None where no packed runtime is timed
+    tokens_per_s: float | None  # greedy generation, batch 1, in gen_dtype; None where no packed runtime is timed
 
 
 def _tensor_bytes(model: nn.Module) -> int:
@@ -161,9 +161,12 @@ def compare(
     bits: list[int],
     on_row: Callable[[Row], None] | None = None,
     gen_tokens: int = 32,
+    gen_dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[Row, list[Row]]:
     """The full-precision row and one row per (method, bits). ``gen_tokens``: how many tokens
-    each timed model generates from the first 16 of the first window (0: no timing)."""
+    each timed model generates from the first 16 of the first window (0: no timing), with
+    its floating-point tensors in ``gen_dtype`` (bf16 by default: on a CPU, what runs 4-bit
+    weights through torch's int4 kernel; the reference is timed in the same dtype)."""
     runs = {name: resolve(name) for name in methods}
     model.eval()
     weights = [lin.weight for _, lin in block_linears(model)]
@@ -172,13 +175,13 @@ def compare(
     other_bytes = _tensor_bytes(model) - linear_bytes
     prompt = windows[:1, :16]
 
-    def speed(m: nn.Module) -> float | None:
-        return generation_speed(m, prompt, gen_tokens) if gen_tokens else None
+    def speed(m: nn.Module) -> float | None:  # casts m
+        return generation_speed(m.to(gen_dtype), prompt, gen_tokens) if gen_tokens else None
 
     reference = Reference.of(model, windows)
     q = evaluate(model, windows, reference)
     fp = Row("full precision", 16, 16.0, 0.0, 0.0, q.perplexity, q.kl_mean, q.kl_p99, q.top1, 0.0,
-             _tensor_bytes(model) / 2**20, speed(model))  # fmt: skip
+             _tensor_bytes(model) / 2**20, speed(copy.deepcopy(model)))  # fmt: skip
     rows = []
     for b in bits:
         for name in tqdm(methods, desc=f"{b}-bit methods", unit="method", leave=False):

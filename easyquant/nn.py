@@ -4,11 +4,14 @@ It holds the packed codes, scales and CSR outliers as (frozen) parameters named 
 checkpoint, so a state dict loads straight into it. On a GPU with Triton, inputs of up to
 ``KERNEL_MAX_ROWS`` rows (decode and short prefill) go through the fused kernel of
 :mod:`easyquant.kernel`, which reads only the packed weight; longer inputs dequantize the
-weight with its Triton dequantizer and use cuBLAS. On the CPU the weight is dequantized on
-the fly in torch. Either way memory stays at the packed size between calls. ``backend``
+weight with its Triton dequantizer and use cuBLAS. On the CPU, bf16 inputs of up to
+``CPU_INT4_MAX_ROWS`` rows times 4-bit weights go through torch's CPU int4 kernel
+(:mod:`easyquant.cpu_kernel`; it keeps a second copy of the codes in its own layout, made on
+the first call); everything else dequantizes the weight on the fly in torch. ``backend``
 overrides the choice per module: ``"auto"``, ``"triton"`` (also on the CPU under
-``TRITON_INTERPRET=1``) or ``"torch"``. The kernels are called as torch custom ops
-(:mod:`easyquant.ops`), so the module compiles whole under ``torch.compile``.
+``TRITON_INTERPRET=1``) or ``"torch"`` (always dequantize in torch: the reference). The
+Triton kernels are called as torch custom ops (:mod:`easyquant.ops`), so the module compiles
+whole under ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import kernel, ops
+from . import cpu_kernel, kernel, ops
 from .errors import EasyQuantError
 from .groups import group_count
 from .packing import packed_cols
@@ -25,6 +28,9 @@ from .qweight import QuantizedWeight, index_dtype, rowptr_dtype
 QUANTIZED_TENSORS = ("packed", "scales", "outlier_rowptr", "outlier_cols", "outlier_values")
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_MAX_ROWS = 128
+# Up to here torch's CPU int4 kernel beats dequantizing in torch; past 128 to 256 rows the
+# dequantized weight's cost is spread thin enough (bench/cpu.py, "bf16 dequantize" column).
+CPU_INT4_MAX_ROWS = 128
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -49,6 +55,8 @@ class EasyQuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.dtype = bits, min(group_size, in_features), dtype
         self._view: tuple[tuple[nn.Parameter, ...], QuantizedWeight] | None = None  # see quantized_weight()
+        self._int4: tuple[tuple[tuple[int, int], ...], cpu_kernel.Int4Weight] | None = None  # see int4_weight()
+        self._int4_group = cpu_kernel.kernel_group(bits, (out_features, in_features), self.group_size)
         kw = {"device": device}
         self.packed = _frozen(torch.zeros(out_features, packed_cols(in_features, bits), dtype=torch.uint8, **kw))
         self.scales = _frozen(
@@ -79,17 +87,46 @@ class EasyQuantLinear(nn.Module):
             self._view = (params, qw)
         return self._view[1]
 
+    def int4_weight(self) -> cpu_kernel.Int4Weight:
+        """The weight in the CPU int4 kernel's layout, made on first use and again whenever a
+        quantized tensor changes (a new tensor, or an in-place write such as ``load_state_dict``)."""
+        key = tuple((t.data_ptr(), t._version) for t in map(self._parameters.__getitem__, QUANTIZED_TENSORS))
+        if self._int4 is None or self._int4[0] != key:
+            self._int4 = (key, cpu_kernel.repack(self.quantized_weight()))
+        return self._int4[1]
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ``.cuda()``: the quantized tensors move but keep their dtypes
+        (a cast would round the fp16 scales and outliers, and leave a checkpoint off-format);
+        a dtype change sets the compute dtype and the bias's. The CPU int4 copy is dropped."""
+        quantized = {id(self._parameters[name]) for name in QUANTIZED_TENSORS}
+
+        def move_only(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return t.to(out.device) if id(t) in quantized and out.dtype != t.dtype else out
+
+        self._int4 = None
+        self.dtype = fn(torch.empty(0, dtype=self.dtype, device=self.scales.device)).dtype
+        return super()._apply(move_only, recurse)
+
     def path(self, x: torch.Tensor) -> str:
         """How ``forward`` multiplies ``x``: ``"fused"`` (the Triton matmul), ``"dequantize"``
-        (the Triton dequantizer, then a dense matmul) or ``"torch"`` (dequantize in torch)."""
+        (the Triton dequantizer, then a dense matmul), ``"int4"`` (torch's CPU int4 kernel) or
+        ``"torch"`` (dequantize in torch)."""
         if self.backend not in BACKENDS:
             raise EasyQuantError(f"EasyQuantLinear.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.backend == "torch" or (self.backend == "auto" and not (x.is_cuda and kernel.available(x))):
-            return "torch"
-        return "fused" if x.numel() <= KERNEL_MAX_ROWS * self.in_features else "dequantize"
+        short = x.numel() <= KERNEL_MAX_ROWS * self.in_features
+        if self.backend == "triton" or (self.backend == "auto" and x.is_cuda and kernel.available(x)):
+            return "fused" if short else "dequantize"
+        cpu_int4 = self._int4_group and self.backend == "auto" and x.device.type == "cpu"
+        if cpu_int4 and x.dtype == torch.bfloat16 and x.numel() <= CPU_INT4_MAX_ROWS * self.in_features:
+            return "torch" if torch.compiler.is_compiling() else "int4"
+        return "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self.path(x)
+        if path == "int4":
+            return cpu_kernel.matmul(x, self.int4_weight(), self.bias)
         if path != "torch" and torch.compiler.is_compiling():  # one opaque op for torch.compile
             tensors = [self._parameters[name] for name in QUANTIZED_TENSORS]
             if path == "fused":

@@ -12,8 +12,8 @@ Memory layout of a ``(rows, cols)`` weight quantized at ``bits`` with groups of
   int16 up to 32768, else int32) ``(nnz,)``, ascending within a row, and
   ``outlier_values`` fp16 ``(nnz,)``.
 
-The weight it stands for is ``scales[r, j // group_size] * (code - qmin)`` with the outliers
-written over it: :meth:`QuantizedWeight.dequantize`.
+The weight it stands for is ``scales[r, j // group_size] * (packed code + qmin)`` with the
+outliers written over it: :meth:`QuantizedWeight.dequantize`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from .errors import EasyQuantError
 from .grid import Grid
 from .groups import group_count
 from .packing import packed_cols, unpack
@@ -72,6 +73,16 @@ class QuantizedWeight:
         for name, shape in expect.items():
             if tuple(getattr(self, name).shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
+
+    def check(self, name: str) -> None:
+        """Raise :class:`EasyQuantError`, naming ``name``, unless the CSR row pointers and columns
+        stay inside the matrix: kernels index memory with them, so a damaged or hand-edited
+        checkpoint must stop here."""
+        ptr, idx, cols = self.outlier_rowptr.long(), self.outlier_cols.long(), self.shape[1]
+        if ptr[0] != 0 or ptr[-1] != idx.numel() or bool((ptr.diff() < 0).any()):
+            raise EasyQuantError(f"{name}.outlier_rowptr is not a valid CSR row pointer for {idx.numel()} outliers")
+        if idx.numel() and not (0 <= idx.min() and idx.max() < cols):
+            raise EasyQuantError(f"{name}.outlier_cols holds columns outside 0..{cols - 1}")
 
     @property
     def grid(self) -> Grid:

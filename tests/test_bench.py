@@ -73,3 +73,20 @@ def test_kernels_compile_for_h100(tmp_path):
     assert four_bit and all("128" in r["loads_by_bits"] and r["pipelined"] for r in four_bit)
     assert all(r["tensor_cores"] != "-" for r in matmuls if r["batch"] >= 16)
     assert "| kernel | shape |" in proc.stdout
+
+
+def test_cpu_bench_reduced_form(tmp_path):
+    out = tmp_path / "cpu.json"
+    args = ["--shapes", "cpu", "--batches", "1,3", "--model", "tiny", "--new-tokens", "2", "--reps", "1"]
+    proc = subprocess.run([sys.executable, "bench/cpu.py", *args, "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| shape | batch |" in proc.stdout
+    result = json.loads(out.read_text())
+    layers, decode = result["layers"], result["decode"]
+    assert [(r["shape"], r["batch"]) for r in layers] == [(s, b) for s in ("256x512", "512x256") for b in (1, 3)]
+    assert all(r["bf16_path"] == "int4" and r["outlier_fraction"] > 0 for r in layers)
+    assert all(r[f"{w}_{d}_us"] > 0 for r in layers for w in ("dense", "easyquant") for d in ("fp32", "bf16"))
+    assert [(d["weights"], d["dtype"]) for d in decode] == [
+        ("dense", "fp32"), ("dense", "bf16"), ("easyquant", "fp32"), ("easyquant", "bf16")]  # fmt: skip
+    assert all(d["tokens_per_s"] > 0 for d in decode)

@@ -225,6 +225,26 @@ def test_damaged_shard(tmp_path, damage):
     assert not (tmp_path / "o" / "config.json").exists()
 
 
+@pytest.mark.parametrize("damage", ["column", "rowptr"])
+def test_damaged_outliers_are_refused_on_load(tmp_path, damage):
+    """A checkpoint whose outlier arrays point outside the matrix (kernels would read out of
+    bounds) is refused by name when it loads."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    tiny_model("llama", src)
+    quantize_model(src, out, QuantConfig(n_sigma=2.0), progress=False)
+    (shard,) = out.glob("*.safetensors")
+    tensors = load_file(shard)
+    name = next(k[: -len(".outlier_cols")] for k, v in tensors.items() if k.endswith(".outlier_cols") and v.numel())
+    if damage == "column":
+        tensors[f"{name}.outlier_cols"][0] = 200  # rows are 64 or 96 wide
+    else:
+        tensors[f"{name}.outlier_rowptr"][1] = -1
+    save_file(tensors, shard, metadata={"format": "pt"})
+    field = {"column": "outlier_cols", "rowptr": "outlier_rowptr"}[damage]
+    with pytest.raises(EasyQuantError, match=rf"{name.split('model.', 1)[-1]}\.{field}"):
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+
+
 def test_pickle_only_checkpoint(tmp_path):
     src = tmp_path / "src"
     model = tiny_model("llama", src)

@@ -1,0 +1,105 @@
+"""torch's CPU int4 kernel behind EasyQuantLinear: bf16 activations times 4-bit weights, against
+dequantize() and an exact matmul, for every layout it takes; and where it must not be used."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import check, heavy_tailed
+from easyquant import QuantConfig, quantize_weight
+from easyquant import cpu_kernel as ck
+from easyquant.nn import CPU_INT4_MAX_ROWS, EasyQuantLinear
+
+pytestmark = pytest.mark.skipif(not ck.supported(), reason="this torch has no CPU int4 kernel")
+
+
+def kernel_group_of(qw) -> int | None:
+    return ck.kernel_group(qw.bits, qw.shape, qw.group_size)
+
+
+def weight(rows: int, cols: int, group: int | None, n_sigma: float | None = 2.5, seed: int = 0, bits: int = 4):
+    cfg = QuantConfig(bits=bits, group_size=group, n_sigma=n_sigma, solver="rtn", max_outlier_fraction=1.0)
+    return quantize_weight(heavy_tailed(rows, cols, seed=seed), cfg)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 6).map(lambda r: 16 * r),
+    blocks=st.integers(1, 12),
+    group=st.sampled_from([None, 32, 64, 96, 128, 192, 256, 512, 1024]),
+    batch=st.integers(0, 20),
+    n_sigma=st.sampled_from([None, 2.0, 3.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_dequantize(rows, blocks, group, batch, n_sigma, seed):
+    """Any width of whole 32-column blocks, per-channel or any group that is a whole number of
+    kernel groups (a shorter last group included), with or without outliers."""
+    cols = 32 * blocks
+    qw = weight(rows, cols, group, n_sigma, seed)
+    kernel_group = kernel_group_of(qw)
+    assert kernel_group in ck.KERNEL_GROUPS and cols % kernel_group == 0 and qw.group_size % kernel_group == 0
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed)).bfloat16()
+    check(ck.matmul(x, ck.repack(qw)), x, qw)
+
+
+def test_crowded_outlier_rows_and_bias():
+    """Rows holding many outliers (summed in fp32, added once), a bias, leading dimensions and a
+    non-contiguous input."""
+    qw = weight(48, 256, 64, n_sigma=1.0)
+    counts = torch.diff(qw.outlier_rowptr)
+    assert counts.max() > 40
+    bias = torch.randn(48)
+    w = ck.repack(qw)
+    x = torch.randn(2, 3, 256).bfloat16()
+    y = ck.matmul(x, w, bias)
+    assert y.shape == (2, 3, 48)
+    check(y.reshape(6, 48), x.reshape(6, 256), qw, bias)
+    xt = torch.randn(256, 5).bfloat16().T
+    check(ck.matmul(xt, w), xt, qw)
+
+
+def test_layouts_it_cannot_take():
+    assert kernel_group_of(weight(40, 64, None)) is None  # rows not a multiple of 16
+    assert kernel_group_of(weight(32, 80, None)) is None  # columns not whole 32-column blocks
+    assert kernel_group_of(weight(32, 96, 48)) is None  # groups not whole kernel groups
+    assert kernel_group_of(weight(32, 64, None, bits=3)) is None
+    with pytest.raises(ValueError, match="cannot take a 3-bit"):
+        ck.repack(weight(32, 64, None, bits=3))
+
+
+def test_linear_uses_it_for_short_bf16_inputs_only():
+    qw = weight(64, 128, 32)
+    layer = EasyQuantLinear.from_quantized(qw, torch.randn(64))
+    short = torch.randn(CPU_INT4_MAX_ROWS, 128).bfloat16()
+    assert layer.path(short) == "int4"
+    assert layer.path(torch.randn(CPU_INT4_MAX_ROWS + 1, 128).bfloat16()) == "torch"
+    assert layer.path(short.float()) == layer.path(short.half()) == "torch"  # exact dtypes stay exact
+    assert EasyQuantLinear.from_quantized(weight(64, 128, 32, bits=3)).path(short) == "torch"
+    check(layer(short), short, qw, layer.bias)
+    layer.backend = "torch"
+    assert layer.path(short) == "torch"
+
+
+def test_linear_follows_its_weights_and_casts():
+    """The kernel's copy is remade when a quantized tensor changes in place (load_state_dict),
+    and dropped by .to(); .to(dtype) moves the compute dtype and the bias but never rounds the
+    stored fp16 scales and outliers."""
+    q1 = weight(32, 64, None, seed=1)
+    q2 = dataclasses.replace(q1, scales=-2 * q1.scales, outlier_values=-q1.outlier_values)
+    layer = EasyQuantLinear.from_quantized(q1, torch.randn(32)).to(torch.bfloat16)
+    assert layer.dtype == layer.bias.dtype == torch.bfloat16
+    assert layer.scales.dtype == layer.outlier_values.dtype == torch.float16
+    assert torch.equal(layer.scales, q1.scales) and torch.equal(layer.outlier_values, q1.outlier_values)
+    x = torch.randn(3, 64).bfloat16()
+    check(layer(x), x, q1, layer.bias)
+    first = layer.int4_weight()
+    assert layer.int4_weight() is first
+    layer.load_state_dict(EasyQuantLinear.from_quantized(q2, layer.bias).state_dict())  # in place
+    check(layer(x), x, q2, layer.bias)
+    layer.float()
+    assert layer._int4 is None and layer.dtype == torch.float32 and layer.scales.dtype == torch.float16
