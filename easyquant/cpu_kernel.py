@@ -1,12 +1,13 @@
-"""4-bit weights times bf16 activations on the CPU, through torch's own int4 matmul.
+"""2- to 4-bit weights times bf16 activations on the CPU, through torch's own int4 matmul.
 
 Dequantizing a weight at every call costs 10 to 30 times the dense matmul at decode on a
 CPU: it writes the whole weight in floating point before reading it again. PyTorch ships a
 CPU kernel for exactly easyquant's 4-bit arithmetic (``aten._weight_int4pack_mm_for_cpu``:
 unsigned codes, ``(code - 8) * scale + zero`` per group of 32 to 256 columns, bf16
-activations, fp32 accumulation), which reads the codes and unpacks them in registers. Our
-codes are ``q + 8`` with ``zero = 0``, so only the layout changes: :func:`repack` reorders
-the codes once into the kernel's layout and repeats each scale over the kernel's groups;
+activations, fp32 accumulation), which reads the codes and unpacks them in registers. A
+signed code ``q`` of 4 bits or fewer is the kernel's ``q + 8`` with ``zero = 0``, exactly, so
+only the layout changes: :func:`repack` writes the codes once in the kernel's layout (4 bits
+each, also for 2- and 3-bit weights) and repeats each scale over the kernel's groups;
 outliers (code 8 in the dense part, so they add nothing there) are one fp32 sparse CSR
 matrix, multiplied by torch's sparse kernel (MKL) and added once. The kernel takes bf16 scales: an fp16 scale rounds to
 bf16 (a relative change below 2^-8, as every weight does when a dequantized weight is cast
@@ -48,20 +49,20 @@ def kernel_group(bits: int, shape: tuple[int, int], group_size: int) -> int | No
     groups (so each kernel group lies inside one easyquant group); ``None`` where the kernel
     cannot take the weight."""
     rows, cols = shape
-    if bits != 4 or rows % ROW_MULTIPLE or not supported():
+    if bits > 4 or rows % ROW_MULTIPLE or not supported():
         return None
     return next((g for g in KERNEL_GROUPS if cols % g == 0 and group_size % g == 0), None)
 
 
 def repack(qw: QuantizedWeight) -> Int4Weight:
-    """Reorder ``qw`` for the kernel (once per weight; the result is as large as ``qw`` itself)."""
+    """Rewrite ``qw`` for the kernel (once per weight; the copy takes 4 bits a weight)."""
     group = kernel_group(qw.bits, qw.shape, qw.group_size)
     if group is None:
         raise ValueError(
             f"the CPU int4 kernel cannot take a {qw.bits}-bit {qw.shape} weight in groups of {qw.group_size}"
         )
     rows, cols = qw.shape
-    codes = unpack(qw.packed, qw.bits, cols).to(torch.int32)
+    codes = unpack(qw.packed, qw.bits, cols).to(torch.int32) + (8 + qw.grid.qmin)  # q + 8
     owner = torch.arange(0, cols, group) // qw.group_size  # the easyquant group of each kernel group
     scales = qw.scales[:, owner].t().to(torch.bfloat16)
     outliers = None

@@ -5,7 +5,7 @@ checkpoint, so a state dict loads straight into it. On a GPU with Triton, inputs
 ``KERNEL_MAX_ROWS`` rows (decode and short prefill) go through the fused kernel of
 :mod:`easyquant.kernel`, which reads only the packed weight; longer inputs dequantize the
 weight with its Triton dequantizer and use cuBLAS. On the CPU, bf16 inputs of up to
-``CPU_INT4_MAX_ROWS`` rows times 4-bit weights go through torch's CPU int4 kernel
+``CPU_INT4_MAX_ROWS`` rows times 2- to 4-bit weights go through torch's CPU int4 kernel
 (:mod:`easyquant.cpu_kernel`; it keeps a second copy of the codes in its own layout, made on
 the first call); everything else dequantizes the weight on the fly in torch. ``backend``
 overrides the choice per module: ``"auto"``, ``"triton"`` (also on the CPU under

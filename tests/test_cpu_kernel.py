@@ -1,4 +1,4 @@
-"""torch's CPU int4 kernel behind EasyQuantLinear: bf16 activations times 4-bit weights, against
+"""torch's CPU int4 kernel behind EasyQuantLinear: bf16 activations times 2- to 4-bit weights, against
 dequantize() and an exact matmul, for every layout it takes; and where it must not be used."""
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ from easyquant import QuantConfig, quantize_weight
 from easyquant import cpu_kernel as ck
 from easyquant.nn import CPU_INT4_MAX_ROWS, EasyQuantLinear
 
-pytestmark = pytest.mark.skipif(not ck.supported(), reason="this torch has no CPU int4 kernel")
+pytestmark = [
+    pytest.mark.skipif(not ck.supported(), reason="this torch has no CPU int4 kernel"),
+    pytest.mark.filterwarnings("ignore:.*outliers"),
+]
 
 
 def kernel_group_of(qw) -> int | None:
@@ -34,13 +37,14 @@ def weight(rows: int, cols: int, group: int | None, n_sigma: float | None = 2.5,
     group=st.sampled_from([None, 32, 64, 96, 128, 192, 256, 512, 1024]),
     batch=st.integers(0, 20),
     n_sigma=st.sampled_from([None, 2.0, 3.0]),
+    bits=st.sampled_from([2, 3, 4]),
     seed=st.integers(0, 2**16),
 )
-def test_matches_dequantize(rows, blocks, group, batch, n_sigma, seed):
-    """Any width of whole 32-column blocks, per-channel or any group that is a whole number of
-    kernel groups (a shorter last group included), with or without outliers."""
+def test_matches_dequantize(rows, blocks, group, batch, n_sigma, bits, seed):
+    """2, 3 and 4 bits; any width of whole 32-column blocks, per-channel or any group that is a
+    whole number of kernel groups (a shorter last group included), with or without outliers."""
     cols = 32 * blocks
-    qw = weight(rows, cols, group, n_sigma, seed)
+    qw = weight(rows, cols, group, n_sigma, seed, bits)
     kernel_group = kernel_group_of(qw)
     assert kernel_group in ck.KERNEL_GROUPS and cols % kernel_group == 0 and qw.group_size % kernel_group == 0
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed)).bfloat16()
@@ -67,9 +71,9 @@ def test_layouts_it_cannot_take():
     assert kernel_group_of(weight(40, 64, None)) is None  # rows not a multiple of 16
     assert kernel_group_of(weight(32, 80, None)) is None  # columns not whole 32-column blocks
     assert kernel_group_of(weight(32, 96, 48)) is None  # groups not whole kernel groups
-    assert kernel_group_of(weight(32, 64, None, bits=3)) is None
-    with pytest.raises(ValueError, match="cannot take a 3-bit"):
-        ck.repack(weight(32, 64, None, bits=3))
+    assert kernel_group_of(weight(32, 64, None, bits=5)) is None
+    with pytest.raises(ValueError, match="cannot take a 5-bit"):
+        ck.repack(weight(32, 64, None, bits=5))
 
 
 def test_linear_uses_it_for_short_bf16_inputs_only():
@@ -79,7 +83,7 @@ def test_linear_uses_it_for_short_bf16_inputs_only():
     assert layer.path(short) == "int4"
     assert layer.path(torch.randn(CPU_INT4_MAX_ROWS + 1, 128).bfloat16()) == "torch"
     assert layer.path(short.float()) == layer.path(short.half()) == "torch"  # exact dtypes stay exact
-    assert EasyQuantLinear.from_quantized(weight(64, 128, 32, bits=3)).path(short) == "torch"
+    assert EasyQuantLinear.from_quantized(weight(64, 128, 32, bits=5)).path(short) == "torch"
     check(layer(short), short, qw, layer.bias)
     layer.backend = "torch"
     assert layer.path(short) == "torch"
