@@ -7,13 +7,15 @@ import dataclasses
 
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import check, heavy_tailed
+from conftest import CONFIGS, check, heavy_tailed
 from easyquant import QuantConfig, quantize_weight
 from easyquant import cpu_kernel as ck
 from easyquant.nn import CPU_INT4_MAX_ROWS, EasyQuantLinear
+from easyquant.pipeline import quantize_model
 
 pytestmark = [
     pytest.mark.skipif(not ck.supported(), reason="this torch has no CPU int4 kernel"),
@@ -107,3 +109,29 @@ def test_linear_follows_its_weights_and_casts():
     check(layer(x), x, q2, layer.bias)
     layer.float()
     assert layer._int4 is None and layer.dtype == torch.float32 and layer.scales.dtype == torch.float16
+
+
+def test_bf16_checkpoint_runs_the_int4_kernel_by_default(tmp_path):
+    """A bf16 model quantizes into a checkpoint that from_pretrained loads in bf16 with no dtype
+    argument, and on the CPU every quantized layer then takes the int4 kernel: the logits agree
+    with the dequantizing path to bf16 rounding, and it generates."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"]).to(torch.bfloat16).save_pretrained(src)
+    quantize_model(src, out, QuantConfig(bits=4, n_sigma=2.5), progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    layers = [m for m in model.modules() if isinstance(m, EasyQuantLinear)]
+    x = torch.randint(0, 128, (2, 9))
+    assert model.dtype == torch.bfloat16 and all(
+        m.path(torch.zeros(18, m.in_features).bfloat16()) == "int4" for m in layers
+    )
+    with torch.no_grad():
+        fast = model(x).logits.float()
+        EasyQuantLinear.backend = "torch"
+        try:
+            ref = model(x).logits.float()
+        finally:
+            EasyQuantLinear.backend = "auto"
+    assert all(m._int4 is not None for m in layers)
+    assert (fast - ref).norm() < 0.02 * ref.norm()  # bf16 rounding through two layers: about 0.6% here
+    assert model.generate(x[:1, :4], max_new_tokens=4, do_sample=False, pad_token_id=0).shape == (1, 8)
