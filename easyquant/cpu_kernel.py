@@ -9,9 +9,9 @@ signed code ``q`` of 4 bits or fewer is the kernel's ``q + 8`` with ``zero = 0``
 only the layout changes: :func:`repack` writes the codes once in the kernel's layout (4 bits
 each, also for 2- and 3-bit weights) and repeats each scale over the kernel's groups;
 outliers (code 8 in the dense part, so they add nothing there) are one fp32 sparse CSR
-matrix, multiplied by torch's sparse kernel (MKL) and added once. The kernel takes bf16 scales: an fp16 scale rounds to
-bf16 (a relative change below 2^-8, as every weight does when a dequantized weight is cast
-to bf16).
+matrix, multiplied by torch's sparse kernel (MKL) and added once. The kernel takes bf16
+scales: an fp16 scale rounds to bf16 (a relative change below 2^-8, as every weight's is when
+a dequantized weight is cast to bf16).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ ROW_MULTIPLE = 16  # out_features must be a multiple of this
 
 @dataclass(frozen=True)
 class Int4Weight:
-    """A 4-bit weight in the layout of torch's CPU int4 kernel, plus its outliers."""
+    """A weight as 4-bit codes in the layout of torch's CPU int4 kernel, plus its outliers."""
 
     packed: torch.Tensor  # uint8, the kernel's own layout
     group: int
@@ -45,9 +45,9 @@ def supported() -> bool:
 
 
 def kernel_group(bits: int, shape: tuple[int, int], group_size: int) -> int | None:
-    """The kernel group size for a weight: the largest that divides both its rows and its own
-    groups (so each kernel group lies inside one easyquant group); ``None`` where the kernel
-    cannot take the weight."""
+    """The kernel group size for a ``(rows, cols)`` weight: the largest that divides both ``cols``
+    and the weight's own group size (so each kernel group lies inside one easyquant group);
+    ``None`` where the kernel cannot take the weight."""
     rows, cols = shape
     if bits > 4 or rows % ROW_MULTIPLE or not supported():
         return None
