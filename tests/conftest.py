@@ -1,3 +1,4 @@
+import copy
 import os
 
 import torch
@@ -62,8 +63,10 @@ CONFIGS = {
 }
 
 
-def tiny_model(kind: str, folder, seed: int = 0):
+def tiny_model(kind: str, folder, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random model of ``kind``, saved to ``folder``; built from a copy of the shared config,
+    which casting a model rewrites (``config.dtype``)."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[kind]).eval()
+    model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS[kind])).to(dtype).eval()
     model.save_pretrained(folder)
     return model

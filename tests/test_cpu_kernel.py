@@ -11,7 +11,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import CONFIGS, check, heavy_tailed
+from conftest import check, heavy_tailed, tiny_model
 from easyquant import QuantConfig, quantize_weight
 from easyquant import cpu_kernel as ck
 from easyquant.nn import CPU_INT4_MAX_ROWS, EasyQuantLinear
@@ -116,8 +116,7 @@ def test_bf16_checkpoint_runs_the_int4_kernel_by_default(tmp_path):
     argument, and on the CPU every quantized layer then takes the int4 kernel: the logits agree
     with the dequantizing path to bf16 rounding, and it generates."""
     src, out = tmp_path / "src", tmp_path / "out"
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"]).to(torch.bfloat16).save_pretrained(src)
+    tiny_model("llama", src, dtype=torch.bfloat16)
     quantize_model(src, out, QuantConfig(bits=4, n_sigma=2.5), progress=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     layers = [m for m in model.modules() if isinstance(m, EasyQuantLinear)]
