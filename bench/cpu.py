@@ -29,12 +29,11 @@ from pathlib import Path
 
 import torch
 import transformers
-from workloads import SHAPES, markdown_table, synthetic, timer
+from workloads import SHAPES, markdown_table, quantize_blocks, synthetic, timer
 
-from easyquant import QuantConfig, cpu_kernel, quantize_weight
+from easyquant import cpu_kernel
 from easyquant.evaluate import generation_speed
-from easyquant.nn import EasyQuantLinear, swap_in_quantized
-from easyquant.targets import block_linears
+from easyquant.nn import EasyQuantLinear
 
 LAYER_SHAPES = {"smollm2": [(576, 576), (1536, 576), (576, 1536)], **SHAPES}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -91,8 +90,7 @@ def decode_rows(name: str, new_tokens: int) -> list[dict]:
     with torch.no_grad():
         dense = speeds("dense")
         model.to(torch.float32)
-        qcfg = QuantConfig(bits=4, solver="rtn")
-        swap_in_quantized(model, {n: quantize_weight(lin.weight.data, qcfg, name=n) for n, lin in block_linears(model)})
+        quantize_blocks(model)
         speed = dense | speeds("easyquant")
     label = "SmolLM2-135M-Instruct (GGUF Q4_1 weights)" if name == "smollm2" else f"llama-{name} (random weights)"
     return [{"model": label, "weights": w, "dtype": d, "new_tokens": new_tokens, "tokens_per_s": v,

@@ -40,13 +40,21 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before easyquant.kernel defines its kernels
 
 import transformers
-from workloads import BATCHES, FRACTIONS, SHAPES, markdown_table, run_meta, synthetic, timer, without_outliers
+from workloads import (
+    BATCHES,
+    FRACTIONS,
+    SHAPES,
+    markdown_table,
+    quantize_blocks,
+    run_meta,
+    synthetic,
+    timer,
+    without_outliers,
+)
 
-from easyquant import QuantConfig, quantize_weight
 from easyquant.evaluate import generation_speed
 from easyquant.kernel import OUTLIER_MODES, default_config, multiprocessors, outlier_mode, qmatmul, tile_skew
-from easyquant.nn import EasyQuantLinear, swap_in_quantized
-from easyquant.targets import block_linears
+from easyquant.nn import EasyQuantLinear
 
 # Peak DRAM bandwidth (GB/s) from the vendors' data sheets, by a substring of the device name.
 PEAK_GBPS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800, "A100-SXM4": 2039}
@@ -125,8 +133,7 @@ def decode_row(name: str, device: str, new_tokens: int, compiled: bool) -> dict:
         prompt = torch.randint(0, cfg.vocab_size, (1, 16), device=device)
         fp16 = tokens_per_s(model, prompt, new_tokens, compiled)
         fp16_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        qcfg = QuantConfig(bits=4, solver="rtn")
-        swap_in_quantized(model, {n: quantize_weight(lin.weight.data, qcfg, name=n) for n, lin in block_linears(model)})
+        quantize_blocks(model)
         if device != "cuda":
             EasyQuantLinear.backend = "triton"  # the interpreter: exercise the kernel path on the CPU
         quant = tokens_per_s(model, prompt, new_tokens, compiled)

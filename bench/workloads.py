@@ -13,8 +13,11 @@ from datetime import date
 
 import torch
 
+from easyquant import QuantConfig, quantize_weight
+from easyquant.nn import swap_in_quantized
 from easyquant.packing import pack
 from easyquant.qweight import QuantizedWeight, csr_from_mask
+from easyquant.targets import block_linears
 
 SHAPES = {
     "7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
@@ -42,6 +45,13 @@ def synthetic(
     scales = ((torch.rand(rows, 1, generator=g, device=device) + 0.5) * 2e-3).half()
     rowptr, col_idx, values = csr_from_mask(mask, torch.randn(rows, cols, generator=g, device=device) * 0.05)
     return QuantizedWeight(pack(codes, bits), scales, rowptr, col_idx, values, bits, cols, (rows, cols), torch.float16)
+
+
+def quantize_blocks(model: torch.nn.Module) -> None:
+    """Swap the model's block linears for 4-bit per-channel ``EasyQuantLinear`` (n-sigma 3
+    outliers, ``rtn`` range: the decode benchmarks' quantized model; the solver changes no speed)."""
+    config = QuantConfig(bits=4, solver="rtn")
+    swap_in_quantized(model, {n: quantize_weight(lin.weight.data, config, name=n) for n, lin in block_linears(model)})
 
 
 def without_outliers(qw: QuantizedWeight) -> QuantizedWeight:

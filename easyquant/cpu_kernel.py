@@ -36,7 +36,6 @@ class Int4Weight:
     group: int
     scales_and_zeros: torch.Tensor  # bf16 (in_features / group, out_features, 2)
     outliers: torch.Tensor | None  # fp32 sparse CSR (out_features, in_features)
-    out_features: int
 
 
 def supported() -> bool:
@@ -61,7 +60,7 @@ def repack(qw: QuantizedWeight) -> Int4Weight:
         raise ValueError(
             f"the CPU int4 kernel cannot take a {qw.bits}-bit {qw.shape} weight in groups of {qw.group_size}"
         )
-    rows, cols = qw.shape
+    cols = qw.shape[1]
     codes = unpack(qw.packed, qw.bits, cols).to(torch.int32) + (8 + qw.grid.qmin)  # q + 8
     owner = torch.arange(0, cols, group) // qw.group_size  # the easyquant group of each kernel group
     scales = qw.scales[:, owner].t().to(torch.bfloat16)
@@ -77,7 +76,6 @@ def repack(qw: QuantizedWeight) -> Int4Weight:
         group,
         torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous(),
         outliers,
-        rows,
     )
 
 
@@ -89,4 +87,4 @@ def matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> 
         y += (w.outliers @ x2.t().float()).t()
     if bias is not None:
         y += bias
-    return y.view(*x.shape[:-1], w.out_features)
+    return y.view(*x.shape[:-1], y.shape[-1])
