@@ -3,11 +3,18 @@
 The checkpoint's ``quantization_config`` lists every quantized module with its outlier count;
 before the weights load, those ``nn.Linear`` modules are swapped for :class:`EasyQuantLinear`
 with tensors of exactly the stored shapes, and the state dict then loads into them as is.
+
+Nothing in a checkpoint is trusted: the quantization config is validated key by key (unknown
+keys are refused), every safetensors header is parsed and checked against the model (names,
+dtypes, shapes) before a byte of data is read or memory allocated, and after loading the CSR
+outlier arrays are bounds-checked before any kernel can index memory with them. Each failure
+is an :class:`EasyQuantError` naming the file, module or key.
 Pinned to transformers >=5.0,<6 in pyproject.toml; tested with 5.23 and 5.17 (on the CPU).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,33 +27,67 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .nn import EasyQuantLinear
+from .errors import EasyQuantError
+from .nn import QUANTIZED_TENSORS, EasyQuantLinear
 from .pipeline import FORMAT_VERSION
+from .quantize import QuantConfig
+from .source import DTYPE_OF
+from .st_io import read_header
 
 METHOD = "easyquant"
 
 
-class EasyQuantConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` of an easyquant checkpoint (written by :func:`quantize_model`)."""
+def _is_int(v: object) -> bool:
+    return type(v) is int
 
-    def __init__(
-        self,
-        bits: int = 4,
-        group_size: int | None = None,
-        modules: dict[str, dict] | None = None,
-        format_version: int = FORMAT_VERSION,
-        **kwargs: Any,
-    ):
+
+SETTINGS = tuple(QuantConfig.__dataclass_fields__)  # recorded for the record; loading needs bits and groups
+KEYS = {"quant_method", "format_version", "bits", "group_size", "modules", "skip", "include", *SETTINGS}
+
+
+class EasyQuantConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of an easyquant checkpoint (written by :func:`quantize_model`),
+    validated: every key known, every value of the right type and range."""
+
+    def __init__(self, **kwargs: Any):
+        unknown = sorted(set(kwargs) - KEYS)
+        if unknown:
+            raise EasyQuantError(
+                f"quantization_config: unknown keys {unknown} (an easyquant checkpoint has {sorted(KEYS)})"
+            )
+        version = kwargs.get("format_version", FORMAT_VERSION)
+        if not _is_int(version) or version < 1:
+            raise EasyQuantError(f"quantization_config: format_version must be a positive integer, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise EasyQuantError(f"this checkpoint has easyquant format {version}; upgrade easyquant to read it")
+        try:
+            settings = QuantConfig(**{k: kwargs[k] for k in SETTINGS if k in kwargs})
+        except (TypeError, ValueError) as e:
+            raise EasyQuantError(f"quantization_config: {e}") from None
+        modules = kwargs.get("modules", {})
+        if not isinstance(modules, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) and set(v) == {"outliers"} and _is_int(v["outliers"])
+            and v["outliers"] >= 0
+            for k, v in modules.items()
+        ):  # fmt: skip
+            raise EasyQuantError('quantization_config: modules must map module names to {"outliers": count >= 0}')
+        for key in ("skip", "include"):
+            if not isinstance(kwargs.get(key, []), list) or not all(isinstance(p, str) for p in kwargs.get(key, [])):
+                raise EasyQuantError(f"quantization_config: {key} must be a list of patterns")
         self.quant_method = METHOD
-        self.bits, self.group_size, self.modules = bits, group_size, modules or {}
-        self.format_version = format_version
-        if format_version > FORMAT_VERSION:
-            raise ValueError(f"this checkpoint has easyquant format {format_version}; upgrade easyquant to read it")
-        for k, v in kwargs.items():
-            setattr(self, k, v)
+        self.format_version = version
+        self.bits, self.group_size, self.modules = settings.bits, settings.group_size, modules
+        self.settings = {k: kwargs[k] for k in (*SETTINGS, "skip", "include") if k in kwargs}
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {
+            "quant_method": self.quant_method,
+            "format_version": self.format_version,
+            **self.settings,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "modules": self.modules,
+        }
 
 
 class EasyQuantHfQuantizer(HfQuantizer):
@@ -56,8 +97,12 @@ class EasyQuantHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             raise ValueError("easyquant quantizes with `easyquant quantize SRC OUT`; from_pretrained loads the result")
 
-    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+    def _process_model_before_weight_loading(
+        self, model: nn.Module, checkpoint_files: list[str] | None = None, **kwargs: Any
+    ) -> None:
         replace_linears(model, self.quantization_config, getattr(model.config, "dtype", None) or torch.float16)
+        if checkpoint_files:
+            verify_files(model, self.quantization_config, [Path(f) for f in checkpoint_files])
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         for name, module in model.named_modules():
@@ -76,12 +121,16 @@ class EasyQuantHfQuantizer(HfQuantizer):
 def replace_linears(model: nn.Module, qconfig: EasyQuantConfig, dtype: torch.dtype) -> None:
     """Swap each module the config lists for an empty :class:`EasyQuantLinear` of the stored shapes."""
     names = dict(model.named_modules())
-    prefix = getattr(model, "base_model_prefix", "")
     for module, info in qconfig.modules.items():
-        name = module if module in names else f"{prefix}.{module}"
+        name = _model_name(model, module, names)
         lin = names.get(name)
         if not isinstance(lin, nn.Linear):
-            raise ValueError(f"easyquant checkpoint lists module {module!r}, which this model has no Linear for")
+            raise EasyQuantError(f"easyquant checkpoint lists module {module!r}, which this model has no Linear for")
+        if info["outliers"] > lin.in_features * lin.out_features:
+            raise EasyQuantError(
+                f"quantization_config: module {module!r} lists {info['outliers']} outliers, more than its "
+                f"{lin.out_features}x{lin.in_features} weights"
+            )
         device = lin.weight.device
         q = EasyQuantLinear(
             lin.in_features,
@@ -94,6 +143,56 @@ def replace_linears(model: nn.Module, qconfig: EasyQuantConfig, dtype: torch.dty
             device,
         )
         model.set_submodule(name, q)
+
+
+def _model_name(model: nn.Module, key: str, names: dict) -> str:
+    """A checkpoint name as the model spells it (checkpoints may omit the base model prefix)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return key if key in names or not prefix else f"{prefix}.{key}"
+
+
+def verify_files(model: nn.Module, qconfig: EasyQuantConfig, files: list[Path]) -> None:
+    """Check every checkpoint file's header against the model before any data is read: each
+    quantized module's tensors present with exactly the dtype and shape the format fixes, and
+    every other tensor the model knows of the model's shape."""
+    headers: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+    for path in files:
+        if path.suffix != ".safetensors":
+            raise EasyQuantError(f"{path}: easyquant checkpoints are safetensors; refusing to read this file")
+        for key, (dtype, shape) in read_header(path).items():
+            if key in headers:
+                raise EasyQuantError(f"{path}: tensor {key} is also in {headers[key][0].name}")
+            headers[key] = (path, dtype, shape)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    expected = set()
+    for module in qconfig.modules:
+        lin = modules[_model_name(model, module, modules)]
+        for t in (*QUANTIZED_TENSORS, "bias"):
+            param = getattr(lin, t)
+            if param is None:
+                continue
+            key = f"{module}.{t}"
+            expected.add(key)
+            if key not in headers:
+                raise EasyQuantError(f"the checkpoint has no tensor {key}, which its quantization_config implies")
+            path, dtype, shape = headers[key]
+            want = param.dtype if t != "bias" else None
+            ok_dtype = DTYPE_OF[dtype] == want if want is not None else DTYPE_OF[dtype].is_floating_point
+            if shape != tuple(param.shape) or not ok_dtype:
+                raise EasyQuantError(
+                    f"{path}: tensor {key} is {dtype} {list(shape)}, expected "
+                    f"{want or 'a float'} {list(param.shape)} for this module"
+                )
+    for key, (path, dtype, shape) in headers.items():
+        param = params.get(key) if key not in expected else None
+        param = param if param is not None else params.get(_model_name(model, key, params))
+        if key in expected or param is None:
+            continue
+        if shape != tuple(param.shape) or DTYPE_OF[dtype].is_floating_point != param.dtype.is_floating_point:
+            raise EasyQuantError(
+                f"{path}: tensor {key} is {dtype} {list(shape)}, the model's is {param.dtype} {list(param.shape)}"
+            )
 
 
 def register() -> None:

@@ -66,9 +66,30 @@ class EasyQuantLinear(nn.Module):
         self.outlier_cols = _frozen(torch.zeros(outliers, dtype=index_dtype(in_features), **kw))
         self.outlier_values = _frozen(torch.zeros(outliers, dtype=torch.float16, **kw))
         self.bias = _frozen(torch.zeros(out_features, dtype=dtype, **kw)) if bias else None
+        self.register_load_state_dict_pre_hook(EasyQuantLinear._check_incoming)
+
+    def _check_incoming(self, state_dict: dict, prefix: str, *args: object) -> None:
+        """``load_state_dict`` gate: the incoming quantized tensors must have this module's
+        shapes and dtypes (``copy_`` would cast them silently) and pass
+        :meth:`QuantizedWeight.check`, before they replace anything."""
+        incoming = {n: state_dict.get(prefix + n) for n in QUANTIZED_TENSORS}
+        if any(t is None for t in incoming.values()):
+            return  # torch reports missing keys itself
+        name = prefix.rstrip(".") or "EasyQuantLinear"
+        for n, t in incoming.items():
+            own = self._parameters[n]
+            if not isinstance(t, torch.Tensor) or t.dtype != own.dtype or t.shape != own.shape:
+                got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise EasyQuantError(f"{name}.{n}: got {got}, expected {own.dtype} {list(own.shape)}")
+        shape = (self.out_features, self.in_features)
+        QuantizedWeight(*incoming.values(), self.bits, self.group_size, shape, self.dtype).check(name)
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> EasyQuantLinear:
+    def from_quantized(
+        cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, name: str = "weight"
+    ) -> EasyQuantLinear:
+        """A module holding ``qw`` (checked first, as every way in is)."""
+        qw.check(name)
         rows, cols = qw.shape
         mod = cls(cols, rows, bias is not None, qw.bits, qw.group_size, qw.outlier_count, qw.dtype, qw.packed.device)
         for name, t in qw.tensors().items():
@@ -150,4 +171,4 @@ def swap_in_quantized(model: nn.Module, weights: dict[str, QuantizedWeight]) -> 
     """Replace the ``nn.Linear`` modules named in ``weights`` by :class:`EasyQuantLinear` modules
     holding those packed weights (and the linears' biases)."""
     for name, qw in weights.items():
-        model.set_submodule(name, EasyQuantLinear.from_quantized(qw, model.get_submodule(name).bias))
+        model.set_submodule(name, EasyQuantLinear.from_quantized(qw, model.get_submodule(name).bias, name))

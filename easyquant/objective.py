@@ -25,9 +25,12 @@ class Objective:
             raise ValueError(f"the objective's norm p must be >= 1, got {self.p}")
 
     def error_cost(self, e: torch.Tensor) -> torch.Tensor:
-        """``|e|^p``, with the common integer norms spelled out (``pow`` is several times slower)."""
+        """``|e|^p``, with the common integer norms spelled out (``pow`` is several times slower);
+        in place only where no gradient is being traced."""
         if self.p == 2:
             return e.square()
+        if e.requires_grad:
+            return e.abs().pow(self.p)
         if self.p == 3:
             return e.square().mul_(e.abs())
         if self.p == 4:
@@ -40,12 +43,11 @@ class Objective:
         return (c * self.error_cost(e)).sum(dim=1)
 
     def grad(self, w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, grid: Grid) -> torch.Tensor:
-        """Exact ``dL/ds`` almost everywhere: ``sum c p |e|^(p-1) sign(e) clamp(round(w/s))``.
-
-        Rounding is piecewise constant, so only the scale's own factor carries a
-        derivative; the clamp matters: a clipped weight's code is the grid's end, not w/s.
-        """
-        q = grid.codes(w, s[:, None])
-        e = s[:, None] * q - w
-        de = 2 * e if self.p == 2 else self.p * e.abs().pow(self.p - 1) * e.sign()
-        return (c * de * q).sum(dim=1)
+        """Exact ``dL/ds`` almost everywhere, by autograd through ``s * clamp(round(w / s))``:
+        ``sum c p |e|^(p-1) sign(e) clamp(round(w/s))``. Rounding is piecewise constant (autograd
+        gives it derivative 0), so only the scale's own factor carries a derivative; the clamp
+        matters: a clipped weight's code is the grid's end, not w/s."""
+        s = s.detach().requires_grad_()
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.loss(w, c, s, grid).sum(), s)
+        return g

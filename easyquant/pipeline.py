@@ -7,20 +7,23 @@ Two stages, both streamed (one tensor in memory per worker):
    is a finished unit, which is what makes an interrupted run resumable.
 2. The checkpoint is assembled: shards of the quantized and untouched tensors in key order,
    the index, tokenizer files, a summary, and ``config.json`` last, so a folder without it is
-   visibly unfinished. Then the work folder is removed.
+   visibly unfinished. Then the work folder is removed, its settings marker last.
 
 The same input and settings give a bit-identical checkpoint, whatever the worker count and
-however often the run was interrupted.
+however often the run was interrupted. A run holds a lock on OUT, records a fingerprint of
+the source (resuming after the source changed is refused), and deletes only what it can
+tell is its own: an easyquant checkpoint or an unfinished easyquant run, never the source.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,15 +33,14 @@ from tqdm.auto import tqdm
 
 from .errors import EasyQuantError
 from .quantize import QuantConfig, quantize_weight
-from .source import DTYPE_OF, INDEX, Source, TensorRef, open_source
-from .st_io import Entry, atomic_write_bytes, atomic_write_json, write_safetensors
+from .source import DTYPE_OF, INDEX, Source, TensorRef, fingerprint, loader_files, open_source
+from .st_io import Entry, atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_temps, write_safetensors
 from .targets import Target, find_targets
 
 FORMAT_VERSION = 1
 WORK_DIR = ".easyquant-work"
 SUMMARY = "easyquant_summary.md"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-SKIP_COPY = {"config.json", INDEX, "pytorch_model.bin.index.json", SUMMARY}
+MARKER = "settings.json"
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Summary:
     layers: list[dict] = field(default_factory=list)
     source_bytes: int = 0
     output_bytes: int = 0
+    left_out: list[str] = field(default_factory=list)  # source files a loader does not need
 
     @property
     def quantized_weights(self) -> int:
@@ -70,10 +73,11 @@ class Summary:
         return sum(r["outliers"] for r in self.layers) / max(self.quantized_weights, 1)
 
     def line(self) -> str:
+        left_out = f"; not copied: {', '.join(self.left_out)}" if self.left_out else ""
         return (
             f"{len(self.layers)} linear layers, {self.quantized_weights / 1e6:.1f}M weights at "
             f"{self.bits_per_weight:.3f} bits/weight ({self.outlier_fraction:.3%} outliers); "
-            f"checkpoint {self.source_bytes / 2**20:.1f} MiB -> {self.output_bytes / 2**20:.1f} MiB"
+            f"checkpoint {self.source_bytes / 2**20:.1f} MiB -> {self.output_bytes / 2**20:.1f} MiB{left_out}"
         )
 
     def markdown(self) -> str:
@@ -136,20 +140,102 @@ def _read_row(path: Path) -> dict:
         return json.loads(f.metadata()["row"])
 
 
+def _refuse_overlap(src: Path, out: Path) -> None:
+    """OUT may be neither the source, nor a folder holding it, nor a folder inside it."""
+    src, out = src.resolve(), out.resolve()
+    if out == src or out in src.parents or (src.is_dir() and src in out.parents):
+        raise EasyQuantError(
+            f"output {out} overlaps the source {src} (the same path, inside it, or holding it); "
+            "choose an output folder apart from the model"
+        )
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the folder ``out`` (created if needed): a second run on the
+    same OUT is refused rather than left to clobber this one's files."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EasyQuantError(f"{out}: another easyquant run is writing this folder; wait for it to end") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _is_easyquant_checkpoint(out: Path) -> bool:
+    try:
+        qc = json.loads((out / "config.json").read_text()).get("quantization_config", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "easyquant"
+
+
+def _clear(out: Path) -> None:
+    for child in out.iterdir():
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    fsync_dir(out)
+
+
 def _prepare_out(out: Path, settings: dict, overwrite: bool) -> Path:
-    work = out / WORK_DIR
-    marker = work / "settings.json"
-    if out.exists() and any(out.iterdir()):
-        resumable = marker.is_file() and json.loads(marker.read_text()) == settings
-        if overwrite:
-            shutil.rmtree(out)
-        elif not resumable:
-            why = "an unfinished run with other settings" if marker.is_file() else "files"
-            raise EasyQuantError(f"{out} already holds {why}; choose an empty folder or pass --overwrite")
-    (work / "layers").mkdir(parents=True, exist_ok=True)
+    """Make ``out`` ready for this run (the caller holds its lock): fresh, resumed, or cleared
+    with ``overwrite`` when it holds an easyquant checkpoint or an unfinished easyquant run."""
+    work, marker = out / WORK_DIR, out / WORK_DIR / MARKER
+    remove_stale_temps(out)
+    contents = {p.name for p in out.iterdir()}
+    if contents == {WORK_DIR} and not marker.is_file():  # killed before its marker was written
+        _clear(out)
+    elif contents and marker.is_file():
+        try:
+            previous = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            previous = {}
+        if previous != settings and not overwrite:
+            same_run = {k: v for k, v in previous.items() if k != "source"} == {
+                k: v for k, v in settings.items() if k != "source"
+            }
+            why = (
+                "an unfinished run of a source that has changed since (files edited or re-downloaded)"
+                if same_run
+                else "an unfinished run with other settings"
+            )
+            raise EasyQuantError(f"{out} holds {why}; pass --overwrite to start over")
+        if previous != settings:
+            _clear(out)
+    elif contents and _is_easyquant_checkpoint(out):
+        if not overwrite:
+            raise EasyQuantError(f"{out} already holds an easyquant checkpoint; pass --overwrite to replace it")
+        _clear(out)
+    elif contents:
+        raise EasyQuantError(
+            f"{out} already holds files that are not an easyquant checkpoint"
+            + (" (--overwrite deletes only easyquant output); choose an empty folder" if overwrite else "")
+            + ("" if overwrite else "; choose an empty folder")
+        )
     if not marker.is_file():
+        work.mkdir(exist_ok=True)
         atomic_write_json(marker, settings)
+    (work / "layers").mkdir(exist_ok=True)
+    remove_stale_temps(work / "layers")
     return work
+
+
+def _remove_work(work: Path) -> None:
+    """Remove the work folder with its settings marker last: a run killed part-way through this
+    still finds its marker and resumes (recomputing what is gone) instead of refusing OUT."""
+    for child in work.iterdir():
+        if child.name != MARKER:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    (work / MARKER).unlink()
+    work.rmdir()
+    fsync_dir(work.parent)
+
+
+def _quantize_args(args: tuple) -> dict:
+    return quantize_unit(*args)
 
 
 def _local_results(todo: list[Unit], config: QuantConfig, workers: int, device: str) -> Iterator[dict]:
@@ -162,10 +248,9 @@ def _local_results(todo: list[Unit], config: QuantConfig, workers: int, device: 
     ctx = mp.get_context("spawn")
     devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if device == "cuda" else [device]
     threads = max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(workers, ctx, _init_worker, (devices, ctx.Value("i", 0), threads)) as pool:
-        futures = [pool.submit(quantize_unit, ref, target, config, path) for ref, target, path in todo]
-        for fut in as_completed(futures):
-            yield fut.result()
+    # Leaving the block terminates the workers: a failing tensor stops the run at once.
+    with ctx.Pool(workers, _init_worker, (devices, ctx.Value("i", 0), threads)) as pool:
+        yield from pool.imap_unordered(_quantize_args, [(ref, target, config, path) for ref, target, path in todo])
 
 
 def _ray_results(todo: list[Unit], config: QuantConfig, device: str) -> Iterator[dict]:
@@ -179,9 +264,13 @@ def _ray_results(todo: list[Unit], config: QuantConfig, device: str) -> Iterator
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     task = ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0)(quantize_unit)
     pending = [task.remote(ref, target, config, path, device) for ref, target, path in todo]
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    finally:  # a failing tensor stops the run at once
+        for ref in pending:
+            ray.cancel(ref, force=True)
 
 
 def _run_units(todo: list[Unit], config: QuantConfig, workers: int, device: str, executor: str, progress: bool) -> None:
@@ -263,17 +352,23 @@ def quantize_model(
 
     Resumable: run the same call again after an interruption and it continues. ``executor``
     is ``local`` (``workers`` processes; on CUDA one per GPU) or ``ray`` (tasks on a Ray cluster).
+    ``overwrite`` replaces an easyquant checkpoint or unfinished run in ``out``; a folder holding
+    anything else is never deleted.
     """
     if executor not in EXECUTORS:
         raise EasyQuantError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     config, options = config or QuantConfig(), options or Options()
-    out = Path(out)
+    src, out = Path(src), Path(out)
     if device == "cuda" and not torch.cuda.is_available():
         raise EasyQuantError("--device cuda was asked for, but torch sees no CUDA device")
+    if not src.exists():
+        raise EasyQuantError(f"{src} does not exist")
+    _refuse_overlap(src, out)
     settings = json.loads(
         json.dumps(
             {
-                "src": str(Path(src).resolve()),
+                "src": str(src.resolve()),
+                "source": fingerprint(src),
                 "config": config.to_dict(),
                 "options": asdict(options),
                 "format_version": FORMAT_VERSION,
@@ -281,34 +376,47 @@ def quantize_model(
         )
     )
     try:
-        work = _prepare_out(out, settings, overwrite)
-        source = open_source(src, work / "staging", allow_pickle)
-        targets = find_targets(source, options.skip, options.include)
-        todo = [
-            (source.tensors[t.weight_key], t, _unit_path(work, t)) for t in targets if not _unit_path(work, t).is_file()
-        ]
-        if device == "cuda":
-            workers = workers if workers > 1 else torch.cuda.device_count()
-        _run_units(todo, config, workers, device, executor, progress)
-        summary = Summary(out, [_read_row(_unit_path(work, t)) for t in targets])
-        summary.source_bytes = sum(r.file.stat().st_size for r in {r.file: r for r in source.tensors.values()}.values())
-        summary.output_bytes = _write_shards(out, _output_entries(source, targets, work), options.max_shard_bytes)
-        for f in sorted(source.folder.iterdir()):
-            if (
-                f.is_file()
-                and f.name not in SKIP_COPY
-                and not f.name.endswith(WEIGHT_SUFFIXES)
-                and not f.name.startswith(".")
-            ):
-                atomic_write_bytes(out / f.name, f.read_bytes())
-        atomic_write_bytes(out / SUMMARY, summary.markdown().encode())
-        model_config = source.config
-        model_config["quantization_config"] = quantization_config_dict(config, options, summary.layers)
-        atomic_write_json(out / "config.json", model_config)
+        with _locked(out):
+            work = _prepare_out(out, settings, overwrite)
+            summary = _quantize_into(out, work, src, config, options, workers, device, executor, allow_pickle, progress)
+            _remove_work(work)
     except OSError as e:
         raise EasyQuantError(
             f"{out}: could not write the checkpoint ({e.strerror or e}); fix the cause and run the same command "
             "again to resume"
         ) from None
-    shutil.rmtree(work)
+    return summary
+
+
+def _quantize_into(
+    out: Path,
+    work: Path,
+    src: Path,
+    config: QuantConfig,
+    options: Options,
+    workers: int,
+    device: str,
+    executor: str,
+    allow_pickle: bool,
+    progress: bool,
+) -> Summary:
+    source = open_source(src, work / "staging", allow_pickle)
+    targets = find_targets(source, options.skip, options.include)
+    todo = [
+        (source.tensors[t.weight_key], t, _unit_path(work, t)) for t in targets if not _unit_path(work, t).is_file()
+    ]
+    if device == "cuda":
+        workers = workers if workers > 1 else torch.cuda.device_count()
+    _run_units(todo, config, workers, device, executor, progress)
+    summary = Summary(out, [_read_row(_unit_path(work, t)) for t in targets])
+    summary.source_bytes = sum(r.file.stat().st_size for r in {r.file: r for r in source.tensors.values()}.values())
+    summary.output_bytes = _write_shards(out, _output_entries(source, targets, work), options.max_shard_bytes)
+    copied, left_out = loader_files(source.folder)
+    summary.left_out = [f.name for f in left_out if f.name != INDEX and not f.name.endswith(".safetensors")]
+    for f in copied:
+        atomic_write_bytes(out / f.name, f.read_bytes())
+    atomic_write_bytes(out / SUMMARY, summary.markdown().encode())
+    model_config = source.config
+    model_config["quantization_config"] = quantization_config_dict(config, options, summary.layers)
+    atomic_write_json(out / "config.json", model_config)
     return summary

@@ -72,12 +72,26 @@ class QuantizedWeight:
         }
         for name, shape in expect.items():
             if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
+                raise EasyQuantError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
 
     def check(self, name: str) -> None:
-        """Raise :class:`EasyQuantError`, naming ``name``, unless the CSR row pointers and columns
-        stay inside the matrix: kernels index memory with them, so a damaged or hand-edited
+        """Raise :class:`EasyQuantError`, naming ``name``, unless every tensor has the format's
+        dtype, the scales and outliers are finite, and the CSR row pointers and columns stay
+        inside the matrix: kernels index memory with them, so a damaged or hand-edited
         checkpoint must stop here."""
+        dtypes = {
+            "packed": (torch.uint8,),
+            "scales": (torch.float16,),
+            "outlier_rowptr": (torch.int32, torch.int64),
+            "outlier_cols": (torch.uint8, torch.int16, torch.int32),
+            "outlier_values": (torch.float16,),
+        }
+        for field, allowed in dtypes.items():
+            if getattr(self, field).dtype not in allowed:
+                raise EasyQuantError(f"{name}.{field} is {getattr(self, field).dtype}, expected {allowed[0]}")
+        for field in ("scales", "outlier_values"):
+            if not bool(torch.isfinite(getattr(self, field)).all()):
+                raise EasyQuantError(f"{name}.{field} holds NaN or Inf")
         ptr, idx, cols = self.outlier_rowptr.long(), self.outlier_cols.long(), self.shape[1]
         if ptr[0] != 0 or ptr[-1] != idx.numel() or bool((ptr.diff() < 0).any()):
             raise EasyQuantError(f"{name}.outlier_rowptr is not a valid CSR row pointer for {idx.numel()} outliers")

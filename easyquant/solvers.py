@@ -71,8 +71,8 @@ class GridSearch(RangeSolver):
 
 @dataclass(frozen=True)
 class PaperAdam(RangeSolver):
-    """The paper's recipe: Adam on the range ``r = s * 2^(k-1)`` from the max-abs start,
-    with the exact clamped gradient, taking the range at the last step.
+    """The paper's recipe: Adam (``torch.optim.Adam``) on the range ``r = s * 2^(k-1)`` from
+    the max-abs start, with the exact clamped gradient, taking the range at the last step.
 
     Defaults are the paper's BLOOM setting (lr 1e-3, 100 steps); its LLaMA setting is
     lr 1e-4, 500 steps. Deterministic: no randomness, fixed step count.
@@ -87,19 +87,17 @@ class PaperAdam(RangeSolver):
 
     def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
         k = float(-grid.qmin)
-        b1, b2 = self.betas
-        r = s0 * k
-        m = torch.zeros_like(r)
-        v = torch.zeros_like(r)
+        r = (s0 * k).clone().requires_grad_()
+        # torch's own Adam, single-tensor form (the same arithmetic on every device).
+        adam = torch.optim.Adam([r], lr=self.lr, betas=self.betas, eps=self.eps, foreach=False)
         for t in range(1, self.steps + 1):
-            g = self.objective.grad(w, c, r / k, grid) / k
-            m = b1 * m + (1 - b1) * g
-            v = b2 * v + (1 - b2) * g.square()
-            r = r - self.lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + self.eps)
-            r = r.clamp_min(FP16_TINY * k)
+            r.grad = self.objective.grad(w, c, r.detach() / k, grid) / k
+            adam.step()
+            with torch.no_grad():
+                r.clamp_(min=FP16_TINY * k)
             if self.trace is not None:
-                self.trace(t, r)
-        return to_fp16_grid(r / k)
+                self.trace(t, r.detach())
+        return to_fp16_grid(r.detach() / k)
 
 
 @dataclass(frozen=True)

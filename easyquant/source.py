@@ -4,12 +4,16 @@ Accepted: safetensors (one file, or shards with ``model.safetensors.index.json``
 memory-mapped; a GGUF file, which transformers dequantizes and which is staged once as a
 safetensors folder; a pickle-only folder (``pytorch_model.bin``), refused unless the user
 opts in, then read with ``torch.load(weights_only=True)`` and staged the same way.
-Every file is checked up front, so a bad shard is reported before any work is done.
+Every file is checked up front, so a bad shard is reported before any work is done; an
+index may name only files inside its own folder.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +24,32 @@ from .errors import EasyQuantError
 from .st_io import DTYPE_NAMES
 
 INDEX = "model.safetensors.index.json"
-PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_FILES = ("pytorch_model.bin", PICKLE_INDEX)
+# What a loader reads beside the weights and config.json: tokenizer, generation settings, chat
+# template, processor, sentence-transformers' module list, the model card. Everything else
+# (other weight formats: tf_model.h5, flax_model.msgpack, *.onnx, *.pt) stays behind.
+LOADER_FILES = (
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "*.tiktoken",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "README.md",
+    "LICENSE*",
+)
 DTYPE_OF = {v: k for k, v in DTYPE_NAMES.items()}
 
 
@@ -46,14 +75,41 @@ class Source:
         return json.loads((self.folder / "config.json").read_text())
 
 
+def loader_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The files of ``folder`` a loader needs beside weights and config.json, and the ones left out."""
+    files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+    keep = [f for f in files if any(fnmatch.fnmatchcase(f.name, p) for p in LOADER_FILES)]
+    return keep, [f for f in files if f not in keep and f.name != "config.json"]
+
+
+def fingerprint(src: Path) -> list[list]:
+    """Name, size and modification time of every file a run reads: a resumed run must see the
+    same source (an edited or re-downloaded file would otherwise mix with stale parts)."""
+    files = [src] if src.is_file() else sorted(f for f in src.iterdir() if f.is_file() and not f.name.startswith("."))
+    return [[f.name, (st := f.stat()).st_size, st.st_mtime_ns] for f in files]
+
+
+def index_shards(index: Path) -> list[str]:
+    """The shard file names an index's ``weight_map`` names, each checked to be a plain file
+    name in the index's own folder (an absolute path or ``..`` would read files elsewhere)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise EasyQuantError(f"{index}: not a valid index of shards ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict):
+        raise EasyQuantError(f"{index}: weight_map must map tensor names to shard files")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise EasyQuantError(
+                f"{index}: tensor {key!r} maps to {name!r}, which is not a file name in {index.parent}"
+            )
+    return sorted(set(weight_map.values()))
+
+
 def _shard_files(folder: Path) -> list[Path]:
     index = folder / INDEX
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise EasyQuantError(f"{index}: not a valid safetensors index ({e})") from None
-        files = sorted(set(weight_map.values()))
+        files = index_shards(index)
         missing = [f for f in files if not (folder / f).is_file()]
         if missing:
             raise EasyQuantError(f"{index} names shards that are not in {folder}: {', '.join(missing)}")
@@ -95,8 +151,43 @@ def open_safetensors_folder(folder: Path) -> Source:
     return Source(folder, _read_headers(_shard_files(folder)))
 
 
+def _unaliased(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each tensor's aliases dropped (tied weights are one tensor under two names;
+    the first name stays, as transformers' own save does) and other storage-sharing views
+    copied, so that safetensors can write it."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for k, v in state.items():
+        view = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+        if view in seen:
+            continue
+        seen[view] = k
+        storage = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if storage in storages or not v.is_contiguous() else v
+        storages.add(storage)
+    return out
+
+
+def _stage(staging: Path, states: Iterable[dict[str, torch.Tensor]], write_rest) -> Path:
+    """Write ``states`` as safetensors files plus ``write_rest(folder)`` (config, tokenizer) into
+    ``staging``, through a temporary folder renamed into place once complete (done once)."""
+    if (staging / "config.json").is_file():
+        return staging
+    from safetensors.torch import save_file
+
+    tmp = staging.with_name(staging.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for i, state in enumerate(states):
+        save_file(_unaliased(state), tmp / f"staged-{i:05d}.safetensors", metadata={"format": "pt"})
+    write_rest(tmp)
+    tmp.rename(staging)
+    return staging
+
+
 def stage_gguf(path: Path, staging: Path) -> Path:
-    """Dequantize a GGUF file through transformers into a safetensors folder (done once)."""
+    """Dequantize a GGUF file through transformers into a safetensors folder."""
     if (staging / "config.json").is_file():
         return staging
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -106,51 +197,42 @@ def stage_gguf(path: Path, staging: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as e:  # transformers raises many types for an unreadable GGUF
         raise EasyQuantError(f"{path}: transformers could not read this GGUF file ({type(e).__name__}: {e})") from None
-    from safetensors.torch import save_file
 
-    tmp = staging.with_name(staging.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    seen: set[int] = set()
-    state = {}
-    for k, v in model.state_dict().items():  # tied weights share storage: keep the first name
-        if v.data_ptr() not in seen:
-            seen.add(v.data_ptr())
-            state[k] = v.contiguous()
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    model.generation_config.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(staging)
-    return staging
+    def write_rest(folder: Path) -> None:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        model.generation_config.save_pretrained(folder)
+        tok.save_pretrained(folder)
+
+    return _stage(staging, [model.state_dict()], write_rest)
 
 
 def stage_pickle(folder: Path, staging: Path) -> Path:
     """Convert a pickle-only folder to safetensors with ``torch.load(weights_only=True)``."""
-    if (staging / "config.json").is_file():
-        return staging
-    import shutil
+    index = folder / PICKLE_INDEX
+    files = index_shards(index) if index.exists() else ["pytorch_model.bin"]
 
-    from safetensors.torch import save_file
+    if not (folder / "config.json").is_file():
+        raise EasyQuantError(f"{folder} has no config.json: not a Hugging Face model folder")
 
-    tmp = staging.with_name(staging.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns("*.bin", "*.bin.index.json"))
-    index = folder / "pytorch_model.bin.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["pytorch_model.bin"]
-    )
-    for i, name in enumerate(files):
-        try:
-            state = torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise EasyQuantError(
-                f"{folder / name}: cannot be read as plain weights ({type(e).__name__}: {e})"
-            ) from None
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp / f"pickle-{i:05d}.safetensors")
-    tmp.rename(staging)
-    return staging
+    def states() -> Iterable[dict[str, torch.Tensor]]:
+        for name in files:
+            try:
+                state = torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise EasyQuantError(
+                    f"{folder / name}: cannot be read as plain weights ({type(e).__name__}: {e})"
+                ) from None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise EasyQuantError(f"{folder / name}: holds no state dict (a mapping of names to tensors)")
+            yield state
+
+    def write_rest(tmp: Path) -> None:
+        for f in [folder / "config.json", *loader_files(folder)[0]]:
+            shutil.copyfile(f, tmp / f.name)
+
+    return _stage(staging, states(), write_rest)
 
 
 def open_source(src: str | Path, staging: Path, allow_pickle: bool = False) -> Source:

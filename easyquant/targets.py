@@ -4,13 +4,16 @@ The architecture is built from ``config.json`` on the meta device (no memory, no
 so the decision rests on what each tensor really is rather than on its name. A Linear is
 "inside the blocks" when it lives under an ``nn.ModuleList`` (``layers``, ``h``,
 ``encoder.layer``, ...); embeddings, norms and ``lm_head`` stay as they are unless
-``include`` names them.
+``include`` names them. A ``skip`` or ``include`` pattern that selects nothing is an error,
+never silence: a typo would otherwise quantize what the user meant to keep, and a head tied
+to the embedding has no tensor of its own to quantize.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -82,10 +85,23 @@ def block_linears(
     ]
 
 
+def _tied_to(model: nn.Module, name: str) -> str | None:
+    """The name of the parameter that module ``name``'s weight is tied to, if it is tied."""
+    weight = model.get_submodule(name).weight
+    return next(
+        (n for n, p in model.named_parameters(remove_duplicate=False) if p is weight and n != f"{name}.weight"), None
+    )
+
+
 def find_targets(source: Source, skip: tuple[str, ...] = (), include: tuple[str, ...] = ()) -> list[Target]:
     """The checkpoint's tensors for :func:`block_linears`, sorted by name."""
     model = build_meta_model(source)
     prefix = getattr(model, "base_model_prefix", "")
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for flag, patterns in (("--skip", skip), ("--include", include)):
+        for p in patterns:
+            if not any(_matches(n, (p,)) or _matches(n.removeprefix(f"{prefix}."), (p,)) for n in linears):
+                raise EasyQuantError(f"{flag} {p!r} matches no linear layer of this model (e.g. {linears[-1]!r})")
     targets = []
     for name, mod in block_linears(model, skip, include):
         key = name
@@ -93,7 +109,15 @@ def find_targets(source: Source, skip: tuple[str, ...] = (), include: tuple[str,
             key = key.removeprefix(f"{prefix}.")
         ref = source.tensors.get(f"{key}.weight")
         if ref is None:
-            continue  # tied or absent in this checkpoint
+            tied = _tied_to(model, name)
+            why = f"is tied to {tied} and has no tensor of its own" if tied else "is not stored in the checkpoint"
+            if _matches(name, include):
+                raise EasyQuantError(
+                    f"--include selects {name}, whose weight {why}: there is nothing to quantize; "
+                    "leave it out (the tied tensor stays in full precision)"
+                )
+            warnings.warn(f"{source.folder}: {name} {why}; it stays as it is", stacklevel=2)
+            continue
         if ref.shape != (mod.out_features, mod.in_features):
             raise EasyQuantError(
                 f"{ref.file}: tensor {ref.key} has shape {ref.shape}, expected {(mod.out_features, mod.in_features)}"

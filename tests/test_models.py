@@ -12,7 +12,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import easyquant  # noqa: F401  (registers the loader)
-from conftest import CONFIGS, tiny_model
+from conftest import CONFIGS, check, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
 from easyquant.nn import EasyQuantLinear
 from easyquant.pipeline import Options, quantize_model
@@ -63,12 +63,16 @@ def test_linear_any_shape_and_dtype(dtype):
     qw = quantize_weight(w.to(dtype), QuantConfig(group_size=16))
     bias = torch.randn(24)
     mod = EasyQuantLinear.from_quantized(qw, bias)
+    mod.backend = "torch"  # the exact reference path (the kernels have their own tests)
     for shape in [(40,), (3, 40), (2, 5, 40)]:
         x = torch.randn(*shape).to(dtype)
         y = mod(x)
         assert y.shape == (*shape[:-1], 24) and y.dtype == dtype
-        expect = torch.nn.functional.linear(x.float(), qw.dequantize(torch.float32), bias)
-        torch.testing.assert_close(y.float(), expect, rtol=2e-2, atol=2e-2)
+        # The torch path is dequantize() then F.linear in the activations' dtype, exactly.
+        torch.testing.assert_close(
+            y, torch.nn.functional.linear(x, qw.dequantize(dtype), bias.to(dtype)), rtol=0, atol=0
+        )
+        check(y.reshape(-1, 24), x.reshape(-1, 40), qw, bias)
 
 
 def test_linear_follows_its_parameters():
@@ -143,12 +147,11 @@ def test_sharded_source(tmp_path):
     model = tiny_model("qwen2", src)
     sharded = tmp_path / "sharded"
     model.save_pretrained(sharded, max_shard_size="50KB")
-    assert (sharded / "model.safetensors.index.json").is_file()
+    assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 2
     quantize_model(src, tmp_path / "a", progress=False)
     quantize_model(sharded, tmp_path / "b", progress=False)
-    assert (
-        load_file(tmp_path / "a" / "model.safetensors").keys() == load_file(tmp_path / "b" / "model.safetensors").keys()
-    )
+    # The same tensors in, the same checkpoint out: byte for byte.
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
 def test_resume_after_interruption_gives_identical_checkpoint(tmp_path):
@@ -185,15 +188,25 @@ def test_resume_after_interruption_gives_identical_checkpoint(tmp_path):
 # ---- bad input ----
 
 
-def test_refuses_nonempty_output(tmp_path):
-    src = tmp_path / "src"
+def test_output_folder_rules(tmp_path):
+    """A folder of other files is never written into or deleted, --overwrite or not; an easyquant
+    checkpoint is replaced only with --overwrite."""
+    src, out = tmp_path / "src", tmp_path / "out"
     tiny_model("llama", src)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "notes.txt").write_text("mine")
-    with pytest.raises(EasyQuantError, match="already holds files.*--overwrite"):
-        quantize_model(src, tmp_path / "out", progress=False)
-    quantize_model(src, tmp_path / "out", overwrite=True, progress=False)
-    assert not (tmp_path / "out" / "notes.txt").exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(EasyQuantError, match="holds files that are not an easyquant checkpoint"):
+            quantize_model(src, out, overwrite=overwrite, progress=False)
+        assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    quantize_model(src, out, progress=False)
+    first = _checkpoint_bytes(out)
+    with pytest.raises(EasyQuantError, match="already holds an easyquant checkpoint; pass --overwrite"):
+        quantize_model(src, out, progress=False)
+    quantize_model(src, out, QuantConfig(bits=3), overwrite=True, progress=False)
+    assert _checkpoint_bytes(out) != first
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 3
 
 
 def test_refuses_resume_with_other_settings(tmp_path):
