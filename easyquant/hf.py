@@ -42,7 +42,8 @@ def _is_int(v: object) -> bool:
 
 
 SETTINGS = tuple(QuantConfig.__dataclass_fields__)  # recorded for the record; loading needs bits and groups
-KEYS = {"quant_method", "format_version", "bits", "group_size", "modules", "skip", "include", *SETTINGS}
+REQUIRED = ("format_version", "bits", "group_size", "modules")
+KEYS = {"quant_method", *REQUIRED, "skip", "include", *SETTINGS}
 
 
 class EasyQuantConfig(QuantizationConfigMixin):
@@ -55,7 +56,10 @@ class EasyQuantConfig(QuantizationConfigMixin):
             raise EasyQuantError(
                 f"quantization_config: unknown keys {unknown} (an easyquant checkpoint has {sorted(KEYS)})"
             )
-        version = kwargs.get("format_version", FORMAT_VERSION)
+        missing = [k for k in REQUIRED if k not in kwargs]
+        if missing:
+            raise EasyQuantError(f"quantization_config: missing keys {missing}")
+        version = kwargs["format_version"]
         if not _is_int(version) or version < 1:
             raise EasyQuantError(f"quantization_config: format_version must be a positive integer, got {version!r}")
         if version > FORMAT_VERSION:
@@ -64,7 +68,7 @@ class EasyQuantConfig(QuantizationConfigMixin):
             settings = QuantConfig(**{k: kwargs[k] for k in SETTINGS if k in kwargs})
         except (TypeError, ValueError) as e:
             raise EasyQuantError(f"quantization_config: {e}") from None
-        modules = kwargs.get("modules", {})
+        modules = kwargs["modules"]
         if not isinstance(modules, dict) or not all(
             isinstance(k, str) and isinstance(v, dict) and set(v) == {"outliers"} and _is_int(v["outliers"])
             and v["outliers"] >= 0
@@ -184,6 +188,9 @@ def verify_files(model: nn.Module, qconfig: EasyQuantConfig, files: list[Path]) 
                     f"{path}: tensor {key} is {dtype} {list(shape)}, expected "
                     f"{want or 'a float'} {list(param.shape)} for this module"
                 )
+    unlisted = sorted(k for k in headers if k.rsplit(".", 1)[-1] in QUANTIZED_TENSORS and k not in expected)
+    if unlisted:
+        raise EasyQuantError(f"the checkpoint holds {unlisted[0]}, of a module its quantization_config does not list")
     for key, (path, dtype, shape) in headers.items():
         param = params.get(key) if key not in expected else None
         param = param if param is not None else params.get(_model_name(model, key, params))

@@ -97,6 +97,9 @@ class QuantizedWeight:
             raise EasyQuantError(f"{name}.outlier_rowptr is not a valid CSR row pointer for {idx.numel()} outliers")
         if idx.numel() and not (0 <= idx.min() and idx.max() < cols):
             raise EasyQuantError(f"{name}.outlier_cols holds columns outside 0..{cols - 1}")
+        row = torch.repeat_interleave(torch.arange(self.shape[0], device=ptr.device), ptr.diff())
+        if bool(((idx.diff() <= 0) & (row.diff() == 0)).any()):
+            raise EasyQuantError(f"{name}.outlier_cols is not strictly ascending within each row")
 
     @property
     def grid(self) -> Grid:
