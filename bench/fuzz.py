@@ -24,7 +24,6 @@ crash (the process dies, which the caller sees).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import random
 import shutil
@@ -114,7 +113,8 @@ def mutate(folder: Path, kind: str, rng: random.Random) -> str:
     if kind == "tensor":
         what = rng.choice(["dtype", "shape", "empty"])
         if what == "dtype":
-            tensors[key] = t.to(rng.choice([torch.int8, torch.int16, torch.int32, torch.int64, torch.float32, torch.uint8, torch.bfloat16]))  # fmt: skip
+            dtypes = [torch.int8, torch.int16, torch.int32, torch.int64, torch.float32, torch.uint8, torch.bfloat16]
+            tensors[key] = t.to(rng.choice(dtypes))
         elif what == "shape":
             tensors[key] = (
                 t.reshape(-1)[: max(t.numel() - rng.randrange(1, 3), 0)] if t.numel() > 1 else t.reshape(1, -1)
