@@ -7,12 +7,14 @@ Two stages, both streamed (one tensor in memory per worker):
    is a finished unit, which is what makes an interrupted run resumable.
 2. The checkpoint is assembled: shards of the quantized and untouched tensors in key order,
    the index, tokenizer files, a summary, and ``config.json`` last, so a folder without it is
-   visibly unfinished. Then the work folder is removed, its settings marker last.
+   visibly unfinished. The run record then says "complete", and the work folder is removed.
 
-The same input and settings give a bit-identical checkpoint, whatever the worker count and
-however often the run was interrupted. A run holds a lock on OUT, records a fingerprint of
-the source (resuming after the source changed is refused), and deletes only what it can
-tell is its own: an easyquant checkpoint or an unfinished easyquant run, never the source.
+``OUT/.easyquant-run.json``, written before anything else, records the run: its settings and
+a fingerprint of the source. Running the same command again resumes an unfinished run and
+does nothing for a complete one; a changed source or other settings are refused. The same
+input and settings give a bit-identical checkpoint, whatever the worker count and however
+often the run was interrupted. A run holds a lock on OUT and deletes only what it can tell
+is its own (an easyquant checkpoint or run), never the source.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from .targets import Target, find_targets
 FORMAT_VERSION = 1
 WORK_DIR = ".easyquant-work"
 SUMMARY = "easyquant_summary.md"
-MARKER = "settings.json"
+RECORD = ".easyquant-run.json"
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,9 @@ class Summary:
             f"{self.bits_per_weight:.3f} bits/weight ({self.outlier_fraction:.3%} outliers); "
             f"checkpoint {self.source_bytes / 2**20:.1f} MiB -> {self.output_bytes / 2**20:.1f} MiB{left_out}"
         )
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "out"}
 
     def markdown(self) -> str:
         rows = [
@@ -180,58 +185,51 @@ def _clear(out: Path) -> None:
     fsync_dir(out)
 
 
-def _prepare_out(out: Path, settings: dict, overwrite: bool) -> Path:
-    """Make ``out`` ready for this run (the caller holds its lock): fresh, resumed, or cleared
-    with ``overwrite`` when it holds an easyquant checkpoint or an unfinished easyquant run."""
-    work, marker = out / WORK_DIR, out / WORK_DIR / MARKER
+def _read_record(out: Path) -> dict | None:
+    try:
+        record = json.loads((out / RECORD).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # damaged: ours, but matches no run
+    return record if isinstance(record, dict) else {}
+
+
+def _prepare_out(out: Path, settings: dict, overwrite: bool) -> dict:
+    """Make ``out`` ready for this run (the caller holds its lock) and return its record: new,
+    resumed (the same settings and source), or after clearing an easyquant checkpoint or run
+    that ``overwrite`` may replace."""
     remove_stale_temps(out)
     contents = {p.name for p in out.iterdir()}
-    if contents == {WORK_DIR} and not marker.is_file():  # killed before its marker was written
-        _clear(out)
-    elif contents and marker.is_file():
-        try:
-            previous = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            previous = {}
-        if previous != settings and not overwrite:
+    record = _read_record(out)
+    if record is not None and record.get("settings") != settings:
+        if not overwrite:
+            previous = record.get("settings") or {}
             same_run = {k: v for k, v in previous.items() if k != "source"} == {
                 k: v for k, v in settings.items() if k != "source"
             }
             why = (
-                "an unfinished run of a source that has changed since (files edited or re-downloaded)"
+                "a run of a source that has changed since (files edited or re-downloaded)"
                 if same_run
-                else "an unfinished run with other settings"
+                else "a checkpoint or run with other settings"
             )
-            raise EasyQuantError(f"{out} holds {why}; pass --overwrite to start over")
-        if previous != settings:
-            _clear(out)
-    elif contents and _is_easyquant_checkpoint(out):
+            raise EasyQuantError(f"{out} holds {why}; pass --overwrite to replace it")
+        _clear(out)
+    elif record is None and contents and contents != {WORK_DIR}:
+        if not _is_easyquant_checkpoint(out):
+            raise EasyQuantError(
+                f"{out} already holds files that are not an easyquant checkpoint; choose an empty folder"
+                + (" (--overwrite deletes only easyquant output)" if overwrite else "")
+            )
         if not overwrite:
             raise EasyQuantError(f"{out} already holds an easyquant checkpoint; pass --overwrite to replace it")
         _clear(out)
-    elif contents:
-        raise EasyQuantError(
-            f"{out} already holds files that are not an easyquant checkpoint"
-            + (" (--overwrite deletes only easyquant output); choose an empty folder" if overwrite else "")
-            + ("" if overwrite else "; choose an empty folder")
-        )
-    if not marker.is_file():
-        work.mkdir(exist_ok=True)
-        atomic_write_json(marker, settings)
-    (work / "layers").mkdir(exist_ok=True)
-    remove_stale_temps(work / "layers")
-    return work
-
-
-def _remove_work(work: Path) -> None:
-    """Remove the work folder with its settings marker last: a run killed part-way through this
-    still finds its marker and resumes (recomputing what is gone) instead of refusing OUT."""
-    for child in work.iterdir():
-        if child.name != MARKER:
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    (work / MARKER).unlink()
-    work.rmdir()
-    fsync_dir(work.parent)
+    elif record is None:  # empty, or a work folder left before the record existed
+        _clear(out)
+    if not (out / RECORD).is_file():
+        record = {"settings": settings}
+        atomic_write_json(out / RECORD, record)
+    return record
 
 
 def _quantize_args(args: tuple) -> dict:
@@ -377,9 +375,20 @@ def quantize_model(
     )
     try:
         with _locked(out):
-            work = _prepare_out(out, settings, overwrite)
-            summary = _quantize_into(out, work, src, config, options, workers, device, executor, allow_pickle, progress)
-            _remove_work(work)
+            record = _prepare_out(out, settings, overwrite)
+            work = out / WORK_DIR
+            if "summary" in record and (out / "config.json").is_file():  # complete: nothing to do
+                summary = Summary(out, **record["summary"])
+            else:
+                (work / "layers").mkdir(parents=True, exist_ok=True)
+                remove_stale_temps(work / "layers")
+                summary = _quantize_into(
+                    out, work, src, config, options, workers, device, executor, allow_pickle, progress
+                )
+                atomic_write_json(out / RECORD, {"settings": settings, "summary": summary.to_dict()})
+            if work.exists():
+                shutil.rmtree(work)
+                fsync_dir(out)
     except OSError as e:
         raise EasyQuantError(
             f"{out}: could not write the checkpoint ({e.strerror or e}); fix the cause and run the same command "

@@ -200,21 +200,26 @@ def test_output_folder_rules(tmp_path):
             quantize_model(src, out, overwrite=overwrite, progress=False)
         assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()
-    quantize_model(src, out, progress=False)
+    summary = quantize_model(src, out, progress=False)
     first = _checkpoint_bytes(out)
-    with pytest.raises(EasyQuantError, match="already holds an easyquant checkpoint; pass --overwrite"):
-        quantize_model(src, out, progress=False)
+    again = quantize_model(src, out, progress=False)  # the same command on a complete checkpoint: nothing to do
+    assert again == summary and _checkpoint_bytes(out) == first
+    with pytest.raises(EasyQuantError, match="holds a checkpoint or run with other settings; pass --overwrite"):
+        quantize_model(src, out, QuantConfig(bits=3), progress=False)
     quantize_model(src, out, QuantConfig(bits=3), overwrite=True, progress=False)
     assert _checkpoint_bytes(out) != first
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 3
+    (out / ".easyquant-run.json").unlink()  # a checkpoint without its run record (made by hand, or older)
+    with pytest.raises(EasyQuantError, match="already holds an easyquant checkpoint; pass --overwrite"):
+        quantize_model(src, out, progress=False)
 
 
 def test_refuses_resume_with_other_settings(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     tiny_model("llama", src)
-    (out / ".easyquant-work").mkdir(parents=True)
-    (out / ".easyquant-work" / "settings.json").write_text("{}")
-    with pytest.raises(EasyQuantError, match="unfinished run with other settings"):
+    out.mkdir()
+    (out / ".easyquant-run.json").write_text('{"settings": {}}')
+    with pytest.raises(EasyQuantError, match="holds a checkpoint or run with other settings"):
         quantize_model(src, out, progress=False)
 
 

@@ -1,0 +1,148 @@
+"""Kill test: ``easyquant quantize`` killed with SIGKILL at random points, then resumed.
+
+A tiny Llama (random weights, 4 layers) is quantized once without interruption. Then, for
+each point, a real ``easyquant quantize`` process (the CLI's ``main``, one or two workers)
+is started on a fresh output folder and killed with ``kill -9`` after a random delay,
+stratified over the uninterrupted run's duration (point i of n falls in the i-th n-th of it),
+so that every phase is hit: startup, quantizing, writing shards, finishing. At each point:
+
+- if ``from_pretrained`` loads the folder left behind, its files must be the complete
+  checkpoint, byte for byte (a folder that looks finished must be finished);
+- a kill after the checkpoint was complete (the process was on its way out) leaves a
+  folder the same command recognises as complete;
+- the same command run again must finish with a checkpoint bit-identical to the
+  uninterrupted one, work folder and temporary files gone.
+
+    python bench/kill.py [--points 20] [--seed 0] [--json bench/results/kill.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = (
+    "import sys\nimport easyquant.cli\nprint('ready', flush=True)\n"
+    "sys.exit(easyquant.cli.main(['quantize', *sys.argv[1:]]))\n"
+)
+
+
+def tree(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def start(src: Path, out: Path, workers: int) -> subprocess.Popen:
+    args = [str(src), str(out), "--group-size", "32", "--workers", str(workers)]
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, cwd=ROOT)  # fmt: skip
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def timed_run(src: Path, out: Path, workers: int) -> float:
+    """Seconds from the end of the imports until the checkpoint is complete (config.json written)
+    plus a tenth, so that some points fall while the process is on its way out."""
+    proc = start(src, out, workers)
+    t0 = time.perf_counter()
+    while proc.poll() is None and not (out / "config.json").exists():
+        time.sleep(0.005)
+    done = time.perf_counter() - t0
+    assert proc.wait() == 0, f"the uninterrupted run failed ({out})"
+    return 1.1 * done
+
+
+def loads_as_complete(out: Path) -> bool:
+    import easyquant  # noqa: F401
+
+    try:
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+    except Exception:
+        return False
+    return True
+
+
+def run(points: int, seed: int) -> dict:
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.simplefilter("ignore")
+    rng = random.Random(seed)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        config = transformers.LlamaConfig(
+            vocab_size=128, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp / "src")
+        durations = {w: timed_run(tmp / "src", tmp / f"clean-{w}", w) for w in (1, 2)}
+        clean = tree(tmp / "clean-1")
+        checkpoint = {k: v for k, v in clean.items() if not k.startswith(".")}  # without the run record
+        assert tree(tmp / "clean-2") == clean, "worker count changed the checkpoint"
+        for i in range(points):
+            workers = 1 + i % 2
+            out = tmp / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            proc = start(tmp / "src", out, workers)
+            delay = (i + rng.random()) / points * durations[workers]
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            finished_first = proc.wait() == 0
+            left = tree(out) if out.exists() else {}
+            looks_complete = out.exists() and loads_as_complete(out)
+            complete = {k: v for k, v in left.items() if not k.startswith(".")} == checkpoint
+            resumed = subprocess.run([sys.executable, "-c", CHILD, str(tmp / "src"), str(out), "--group-size", "32",
+                                      "--workers", str(workers)], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+            identical = resumed.returncode == 0 and tree(out) == clean
+            units = sum(k.startswith(".easyquant-work/layers/") for k in left)
+            rows.append({"point": i, "workers": workers, "delay_s": round(delay, 3),
+                         "share_of_run": round(delay / durations[workers], 3), "finished_before_kill": finished_first,
+                         "files_left": len(left), "units_done": units,
+                         "loads": looks_complete, "loads_only_if_complete": complete or not looks_complete,
+                         "resumed_identical": identical,
+                         "resume_error": "" if identical else resumed.stderr[-300:]})  # fmt: skip
+            print(f"point {i}: {rows[-1]}", file=sys.stderr, flush=True)
+    ok = sum(r["resumed_identical"] and r["loads_only_if_complete"] for r in rows)
+    return {"points": points, "seed": seed, "ok": ok, "durations_s": durations, "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--points", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+    result = run(a.points, a.seed)
+    result["meta"] = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    d = result["durations_s"]
+    print(f"# Kill test: {result['ok']}/{a.points} points resumed bit-identical, none loadable unless complete\n")
+    print(f"Kill window (after the imports, to the checkpoint's completion + 10%): {d[1]:.2f} s with one worker, "
+          f"{d[2]:.2f} s with two.\n")  # fmt: skip
+    print("| point | workers | killed at | units done | files left | loads | resumed identical |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        print(f"| {r['point']} | {r['workers']} | {r['share_of_run']:.0%} | {r['units_done']} | {r['files_left']} | "
+              f"{'yes' if r['loads'] else 'no'} | {'yes' if r['resumed_identical'] else 'NO'} |")  # fmt: skip
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=1) + "\n")
+    sys.exit(0 if result["ok"] == a.points else 1)
+
+
+if __name__ == "__main__":
+    main()
