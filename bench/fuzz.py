@@ -23,7 +23,6 @@ crash (the process dies, which the caller sees).
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from workloads import run_meta, trial_args
 
 import easyquant  # noqa: F401  (registers the loader)
 from easyquant import EasyQuantError, QuantConfig
@@ -228,14 +228,9 @@ def run(cases: int, seed: int, progress: bool = True) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", type=int, default=10_000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", type=Path, default=None)
-    a = ap.parse_args()
+    a = trial_args(__doc__, "cases", 10_000)
     result = run(a.cases, a.seed)
-    result["meta"] = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-                      "transformers": transformers.__version__}  # fmt: skip
+    result["meta"] = run_meta()[0]
     print(f"# Loader fuzz: {a.cases} mutated checkpoints (seed {a.seed}), {result['seconds']:.0f} s\n")
     print("| mutation | refused | loaded (checked) | failure | hang |\n|---|---|---|---|---|")
     for kind, r in result["by_kind"].items():

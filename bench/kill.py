@@ -18,7 +18,6 @@ so that every phase is hit: startup, quantizing, writing shards, finishing. At e
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from workloads import run_meta, trial_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = (
@@ -123,13 +123,9 @@ def run(points: int, seed: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--points", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", type=Path, default=None)
-    a = ap.parse_args()
+    a = trial_args(__doc__, "points", 20)
     result = run(a.points, a.seed)
-    result["meta"] = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    result["meta"] = run_meta()[0]
     d = result["durations_s"]
     print(f"# Kill test: {result['ok']}/{a.points} points resumed bit-identical, none loadable unless complete\n")
     print(f"Kill window (after the imports, to the checkpoint's completion + 10%): {d[1]:.2f} s with one worker, "

@@ -4,12 +4,14 @@ outlier fractions, synthetic quantized weights of those shapes, and how a call i
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import date
+from pathlib import Path
 
 import torch
 
@@ -97,3 +99,12 @@ def run_meta(**extra: object) -> tuple[dict, str]:
 def markdown_table(head: list[str], rows: list[list[object]]) -> str:
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                      + ["| " + " | ".join(map(str, cells)) + " |" for cells in rows])  # fmt: skip
+
+
+def trial_args(doc: str, count: str, default: int) -> argparse.Namespace:
+    """Arguments of a seeded trial run (fuzz, kill): how many trials, the seed, a JSON path."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument(f"--{count}", type=int, default=default)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None)
+    return ap.parse_args()

@@ -210,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=["local", "ray"],
         help="local processes, or tasks on a Ray cluster (RAY_ADDRESS; needs the ray extra)",
     )
-    q.add_argument("--overwrite", action="store_true", help="replace whatever OUT holds")
+    q.add_argument(
+        "--overwrite", action="store_true", help="replace the easyquant checkpoint or run in OUT (never other files)"
+    )
     q.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (with weights_only=True)")
     q.set_defaults(fn=cmd_quantize)
 

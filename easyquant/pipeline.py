@@ -197,12 +197,12 @@ def _read_record(out: Path) -> dict | None:
 
 def _prepare_out(out: Path, settings: dict, overwrite: bool) -> dict:
     """Make ``out`` ready for this run (the caller holds its lock) and return its record: new,
-    resumed (the same settings and source), or after clearing an easyquant checkpoint or run
-    that ``overwrite`` may replace."""
+    resumed (the same settings and source, no ``overwrite``), or new after clearing the
+    easyquant checkpoint or run that ``overwrite`` replaces."""
     remove_stale_temps(out)
     contents = {p.name for p in out.iterdir()}
     record = _read_record(out)
-    if record is not None and record.get("settings") != settings:
+    if record is not None and (overwrite or record.get("settings") != settings):
         if not overwrite:
             previous = record.get("settings") or {}
             same_run = {k: v for k, v in previous.items() if k != "source"} == {
