@@ -28,17 +28,28 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import EasyQuantError
-from .nn import QUANTIZED_TENSORS, EasyQuantLinear
+from .nn import QUANTIZED_TENSORS, EasyQuantExperts, EasyQuantLinear
 from .pipeline import FORMAT_VERSION
 from .quantize import QuantConfig
 from .source import DTYPE_OF
 from .st_io import read_header
+from .targets import EXPERT_PARAMS
 
 METHOD = "easyquant"
 
 
 def _is_int(v: object) -> bool:
     return type(v) is int
+
+
+def _valid_outliers(v: object) -> bool:
+    """A count (a Linear), or per fused experts parameter one count per expert."""
+    if isinstance(v, dict):
+        return bool(v) and all(
+            p in EXPERT_PARAMS and isinstance(c, list) and c and all(_is_int(n) and n >= 0 for n in c)
+            for p, c in v.items()
+        )
+    return _is_int(v) and v >= 0
 
 
 SETTINGS = tuple(QuantConfig.__dataclass_fields__)  # recorded for the record; loading needs bits and groups
@@ -70,11 +81,13 @@ class EasyQuantConfig(QuantizationConfigMixin):
             raise EasyQuantError(f"quantization_config: {e}") from None
         modules = kwargs["modules"]
         if not isinstance(modules, dict) or not all(
-            isinstance(k, str) and isinstance(v, dict) and set(v) == {"outliers"} and _is_int(v["outliers"])
-            and v["outliers"] >= 0
+            isinstance(k, str) and isinstance(v, dict) and set(v) == {"outliers"} and _valid_outliers(v["outliers"])
             for k, v in modules.items()
-        ):  # fmt: skip
-            raise EasyQuantError('quantization_config: modules must map module names to {"outliers": count >= 0}')
+        ):
+            raise EasyQuantError(
+                'quantization_config: modules must map module names to {"outliers": count >= 0}, or for experts to '
+                '{"outliers": {parameter: [count >= 0 per expert]}}'
+            )
         for key in ("skip", "include"):
             if not isinstance(kwargs.get(key, []), list) or not all(isinstance(p, str) for p in kwargs.get(key, [])):
                 raise EasyQuantError(f"quantization_config: {key} must be a list of patterns")
@@ -123,30 +136,56 @@ class EasyQuantHfQuantizer(HfQuantizer):
 
 
 def replace_linears(model: nn.Module, qconfig: EasyQuantConfig, dtype: torch.dtype) -> None:
-    """Swap each module the config lists for an empty :class:`EasyQuantLinear` of the stored shapes."""
+    """Swap each module the config lists for an empty :class:`EasyQuantLinear` (an experts
+    module: :class:`EasyQuantExperts`) of the stored shapes, checked against the model."""
     names = dict(model.named_modules())
+
+    def layer(module: str, rows: int, cols: int, bias: bool, outliers: int, device: torch.device) -> EasyQuantLinear:
+        if outliers > rows * cols:
+            raise EasyQuantError(
+                f"quantization_config: module {module!r} lists {outliers} outliers, more than its {rows}x{cols} weights"
+            )
+        return EasyQuantLinear(cols, rows, bias, qconfig.bits, qconfig.group_size or cols, outliers, dtype, device)
+
     for module, info in qconfig.modules.items():
         name = _model_name(model, module, names)
-        lin = names.get(name)
-        if not isinstance(lin, nn.Linear):
-            raise EasyQuantError(f"easyquant checkpoint lists module {module!r}, which this model has no Linear for")
-        if info["outliers"] > lin.in_features * lin.out_features:
-            raise EasyQuantError(
-                f"quantization_config: module {module!r} lists {info['outliers']} outliers, more than its "
-                f"{lin.out_features}x{lin.in_features} weights"
+        mod = names.get(name)
+        if isinstance(info["outliers"], int):
+            if not isinstance(mod, nn.Linear):
+                raise EasyQuantError(
+                    f"easyquant checkpoint lists module {module!r}, which this model has no Linear for"
+                )
+            q = layer(
+                module, mod.out_features, mod.in_features, mod.bias is not None, info["outliers"], mod.weight.device
             )
-        device = lin.weight.device
-        q = EasyQuantLinear(
-            lin.in_features,
-            lin.out_features,
-            lin.bias is not None,
-            qconfig.bits,
-            qconfig.group_size or lin.in_features,
-            info["outliers"],
-            dtype,
-            device,
-        )
-        model.set_submodule(name, q)
+            model.set_submodule(name, q)
+            continue
+        layers = {}
+        for param, counts in info["outliers"].items():
+            weight = getattr(mod, param, None) if hasattr(mod, "is_transposed") else None
+            if not isinstance(weight, nn.Parameter) or weight.dim() != 3 or weight.shape[0] != len(counts):
+                raise EasyQuantError(
+                    f"easyquant checkpoint lists {len(counts)} experts of {module}.{param}, which this model has no "
+                    "fused experts parameter of that size for"
+                )
+            _, a, b = weight.shape
+            rows, cols = (b, a) if mod.is_transposed else (a, b)
+            layers[param] = [
+                layer(f"{module}.{param}.{e}", rows, cols, False, n, weight.device) for e, n in enumerate(counts)
+            ]
+        model.set_submodule(name, EasyQuantExperts(mod, layers))
+
+
+def _quantized_layers(model: nn.Module, qconfig: EasyQuantConfig) -> dict[str, EasyQuantLinear]:
+    """Each :class:`EasyQuantLinear` the config implies, by its name in the checkpoint."""
+    names = dict(model.named_modules())
+    out = {}
+    for module in qconfig.modules:
+        mod = names[_model_name(model, module, names)]
+        for sub, layer in mod.named_modules():
+            if isinstance(layer, EasyQuantLinear):
+                out[f"{module}.{sub}" if sub else module] = layer
+    return out
 
 
 def _model_name(model: nn.Module, key: str, names: dict) -> str:
@@ -168,10 +207,8 @@ def verify_files(model: nn.Module, qconfig: EasyQuantConfig, files: list[Path]) 
                 raise EasyQuantError(f"{path}: tensor {key} is also in {headers[key][0].name}")
             headers[key] = (path, dtype, shape)
     params = dict(model.named_parameters(remove_duplicate=False))
-    modules = dict(model.named_modules())
     expected = set()
-    for module in qconfig.modules:
-        lin = modules[_model_name(model, module, modules)]
+    for module, lin in _quantized_layers(model, qconfig).items():
         for t in (*QUANTIZED_TENSORS, "bias"):
             param = getattr(lin, t)
             if param is None:

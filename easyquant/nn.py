@@ -16,6 +16,8 @@ whole under ``torch.compile``.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -172,3 +174,55 @@ def swap_in_quantized(model: nn.Module, weights: dict[str, QuantizedWeight]) -> 
     holding those packed weights (and the linears' biases)."""
     for name, qw in weights.items():
         model.set_submodule(name, EasyQuantLinear.from_quantized(qw, model.get_submodule(name).bias, name))
+
+
+class EasyQuantExperts(nn.Module):
+    """A transformers experts module (``use_experts_implementation``) whose fused 3-D weights
+    are quantized expert by expert: ``gate_up_proj[e]`` and ``down_proj[e]`` are
+    :class:`EasyQuantLinear` modules, named so that the checkpoint's
+    ``experts.gate_up_proj.{e}.packed`` load into them, and each expert's matmul takes their
+    kernel path (the CPU int4 kernel, the Triton kernel). Only the experts some token was
+    routed to run. Biases, the activation and the gating (``_apply_gate``, with its clamps)
+    are the original module's, so the forward is the original eager one."""
+
+    def __init__(self, original: nn.Module, layers: dict[str, list[EasyQuantLinear]]):
+        super().__init__()
+        for key, value in vars(original).items():
+            if not key.startswith("_") and key != "training":
+                setattr(self, key, value)
+        for key, module in original._modules.items():
+            self.add_module(key, module)
+        for key, param in original._parameters.items():
+            if key not in layers:
+                self.register_parameter(key, param)
+        for key, experts in layers.items():
+            self.add_module(key, nn.ModuleList(experts))
+        self.num_experts = len(next(iter(layers.values())))
+        self._gate = type(original)._apply_gate
+        # The routing arguments' names (gpt-oss calls them router_indices and routing_weights).
+        self._routing = list(inspect.signature(type(original).forward).parameters)[2:4]
+
+    def _project(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        y = self._modules[name][expert](x)
+        bias = self._parameters.get(f"{name}_bias")
+        return y if bias is None else y + bias[expert].to(y.dtype)
+
+    def forward(self, hidden_states: torch.Tensor, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        routing = dict(zip(self._routing, args, strict=False)) | kwargs
+        top_k_index, top_k_weights = (routing[k] for k in self._routing)
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
+        for e in hit:
+            if e == self.num_experts:  # the padding index of expert parallelism
+                continue
+            top_k_pos, token_idx = torch.where(mask[e])
+            x = hidden_states[token_idx]
+            if self.has_gate:
+                h = self._gate(self, self._project("gate_up_proj", e, x))
+            else:
+                h = self.act_fn(self._project("up_proj", e, x))
+            y = self._project("down_proj", e, h) * top_k_weights[token_idx, top_k_pos, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out

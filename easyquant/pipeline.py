@@ -22,9 +22,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .errors import EasyQuantError
 from .quantize import QuantConfig, quantize_weight
-from .source import DTYPE_OF, INDEX, Source, TensorRef, fingerprint, loader_files, open_source
+from .source import DTYPE_OF, INDEX, Source, TensorRef, WeightSource, fingerprint, loader_files, open_source
 from .st_io import Entry, atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_temps, write_safetensors
 from .targets import Target, find_targets
 
@@ -43,6 +45,8 @@ FORMAT_VERSION = 1
 WORK_DIR = ".easyquant-work"
 SUMMARY = "easyquant_summary.md"
 RECORD = ".easyquant-run.json"
+# Below this share of the model's weights quantized, say so: most of the model stays in full precision.
+MIN_QUANTIZED_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -61,10 +65,15 @@ class Summary:
     source_bytes: int = 0
     output_bytes: int = 0
     left_out: list[str] = field(default_factory=list)  # source files a loader does not need
+    model_weights: int = 0  # every floating-point weight of the source checkpoint
 
     @property
     def quantized_weights(self) -> int:
         return sum(r["rows"] * r["cols"] for r in self.layers)
+
+    @property
+    def quantized_share(self) -> float:
+        return self.quantized_weights / max(self.model_weights, 1)
 
     @property
     def bits_per_weight(self) -> float:
@@ -76,8 +85,10 @@ class Summary:
 
     def line(self) -> str:
         left_out = f"; not copied: {', '.join(self.left_out)}" if self.left_out else ""
+        experts = sum(1 for r in self.layers if r.get("expert"))
+        what = f"{len(self.layers) - experts} linear layers" + (f" and {experts} expert matrices" if experts else "")
         return (
-            f"{len(self.layers)} linear layers, {self.quantized_weights / 1e6:.1f}M weights at "
+            f"{what}, {self.quantized_weights / 1e6:.1f}M weights ({self.quantized_share:.0%} of the model's) at "
             f"{self.bits_per_weight:.3f} bits/weight ({self.outlier_fraction:.3%} outliers); "
             f"checkpoint {self.source_bytes / 2**20:.1f} MiB -> {self.output_bytes / 2**20:.1f} MiB{left_out}"
         )
@@ -109,7 +120,7 @@ def _unit_path(work: Path, target: Target) -> Path:
     return work / "layers" / f"{target.module}.safetensors"
 
 
-Unit = tuple[TensorRef, Target, Path]
+Unit = tuple[WeightSource, Target, Path]
 EXECUTORS = ("local", "ray")
 _worker_device: str = "cpu"
 
@@ -122,16 +133,19 @@ def _init_worker(devices: list[str], counter, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def quantize_unit(ref: TensorRef, target: Target, config: QuantConfig, path: Path, device: str | None = None) -> dict:
+def quantize_unit(
+    ref: WeightSource, target: Target, config: QuantConfig, path: Path, device: str | None = None
+) -> dict:
     """Quantize one weight into its unit file; returns its summary row."""
     t0 = time.perf_counter()
-    qw = quantize_weight(ref.load().to(device or _worker_device), config, name=ref.key)
+    qw = quantize_weight(ref.load().to(device or _worker_device), config, name=ref.name)
     row = {
         "module": target.module,
         "rows": qw.shape[0],
         "cols": qw.shape[1],
         "outliers": qw.outlier_count,
         "bits_per_weight": qw.bits_per_weight,
+        **({"expert": True} if target.expert else {}),
         "seconds": time.perf_counter() - t0,
     }
     tensors = qw.to("cpu").tensors()
@@ -284,21 +298,18 @@ def _run_units(todo: list[Unit], config: QuantConfig, workers: int, device: str,
 
 
 def _output_entries(source: Source, targets: list[Target], work: Path) -> list[Entry]:
-    by_weight = {t.weight_key: t for t in targets}
-    entries = []
-    for key in sorted(source.tensors):
-        ref = source.tensors[key]
-        target = by_weight.get(key)
-        if target is None:
-            entries.append(Entry(key, ref.dtype, ref.shape, ref.load))
-            continue
+    """Every tensor of the checkpoint, by name: the source's, less those quantized (a fused
+    experts tensor, or the per-expert tensors it was read from), and the units' tensors."""
+    consumed = {key for t in targets for key in t.source.keys}
+    entries = [Entry(k, r.dtype, r.shape, r.load) for k, r in source.tensors.items() if k not in consumed]
+    for target in targets:
         path = _unit_path(work, target)
         with safe_open(path, "pt") as f:
             for name in f.keys():
                 sl = f.get_slice(name)
                 unit = TensorRef(name, path, DTYPE_OF[sl.get_dtype()], tuple(sl.get_shape()))
                 entries.append(Entry(name, unit.dtype, unit.shape, unit.load))
-    return entries
+    return sorted(entries, key=lambda e: e.name)
 
 
 def _write_shards(out: Path, entries: list[Entry], max_bytes: int) -> int:
@@ -322,14 +333,26 @@ def _write_shards(out: Path, entries: list[Entry], max_bytes: int) -> int:
     return sum((out / name).stat().st_size for name in names)
 
 
-def quantization_config_dict(config: QuantConfig, options: Options, layers: list[dict]) -> dict:
+def quantization_config_dict(config: QuantConfig, options: Options, targets: list[Target], layers: list[dict]) -> dict:
+    """The checkpoint's ``quantization_config``: settings, and each quantized module with its
+    outlier count (an experts module: per parameter, one count per expert)."""
+    outliers = {r["module"]: r["outliers"] for r in layers}
+    modules: dict[str, dict] = {}
+    for t in targets:
+        if t.expert is None:
+            modules[t.module] = {"outliers": outliers[t.module]}
+        else:
+            experts, param, e = t.expert
+            counts = modules.setdefault(experts, {"outliers": {}})["outliers"].setdefault(param, [])
+            counts.extend([None] * (e + 1 - len(counts)))
+            counts[e] = outliers[t.module]
     return {
         "quant_method": "easyquant",
         "format_version": FORMAT_VERSION,
         **config.to_dict(),
         "skip": list(options.skip),
         "include": list(options.include),
-        "modules": {r["module"]: {"outliers": r["outliers"]} for r in layers},
+        "modules": modules,
     }
 
 
@@ -411,14 +434,19 @@ def _quantize_into(
 ) -> Summary:
     source = open_source(src, work / "staging", allow_pickle)
     targets = find_targets(source, options.skip, options.include)
-    todo = [
-        (source.tensors[t.weight_key], t, _unit_path(work, t)) for t in targets if not _unit_path(work, t).is_file()
-    ]
+    todo = [(t.source, t, _unit_path(work, t)) for t in targets if not _unit_path(work, t).is_file()]
     if device == "cuda":
         workers = workers if workers > 1 else torch.cuda.device_count()
     _run_units(todo, config, workers, device, executor, progress)
     summary = Summary(out, [_read_row(_unit_path(work, t)) for t in targets])
     summary.source_bytes = sum(r.file.stat().st_size for r in {r.file: r for r in source.tensors.values()}.values())
+    summary.model_weights = sum(math.prod(r.shape) for r in source.tensors.values() if r.dtype.is_floating_point)
+    if summary.quantized_share < MIN_QUANTIZED_SHARE:
+        warnings.warn(
+            f"{src}: only {summary.quantized_share:.0%} of the model's weights were quantized; the rest stay in full "
+            "precision (see the summary; --include adds modules)",
+            stacklevel=2,
+        )
     summary.output_bytes = _write_shards(out, _output_entries(source, targets, work), options.max_shard_bytes)
     copied, left_out = loader_files(source.folder)
     summary.left_out = [f.name for f in left_out if f.name != INDEX and not f.name.endswith(".safetensors")]
@@ -426,6 +454,6 @@ def _quantize_into(
         atomic_write_bytes(out / f.name, f.read_bytes())
     atomic_write_bytes(out / SUMMARY, summary.markdown().encode())
     model_config = source.config
-    model_config["quantization_config"] = quantization_config_dict(config, options, summary.layers)
+    model_config["quantization_config"] = quantization_config_dict(config, options, targets, summary.layers)
     atomic_write_json(out / "config.json", model_config)
     return summary

@@ -64,6 +64,59 @@ class TensorRef:
         with safe_open(self.file, "pt") as f:
             return f.get_tensor(self.key)
 
+    @property
+    def name(self) -> str:
+        return self.key
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.key,)
+
+
+@dataclass(frozen=True)
+class ExpertSlice:
+    """Expert ``expert`` of a fused 3-D experts tensor ``(experts, out, in)`` (``(experts, in,
+    out)`` when ``transposed``), read alone: only that expert's bytes leave the file."""
+
+    ref: TensorRef
+    expert: int
+    transposed: bool = False
+
+    def load(self) -> torch.Tensor:
+        with safe_open(self.ref.file, "pt") as f:
+            w = f.get_slice(self.ref.key)[self.expert]
+        return w.T.contiguous() if self.transposed else w
+
+    @property
+    def name(self) -> str:
+        return f"{self.ref.key}[{self.expert}]"
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.ref.key,)
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """One expert's fused matrix from its per-expert tensors on disk, stacked by rows (gate
+    above up, as transformers fuses them into ``gate_up_proj``)."""
+
+    parts: tuple[TensorRef, ...]
+
+    def load(self) -> torch.Tensor:
+        return torch.cat([p.load() for p in self.parts])
+
+    @property
+    def name(self) -> str:
+        return " + ".join(p.key for p in self.parts)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(p.key for p in self.parts)
+
+
+WeightSource = TensorRef | ExpertSlice | Stacked
+
 
 @dataclass(frozen=True)
 class Source:

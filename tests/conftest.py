@@ -61,6 +61,18 @@ CONFIGS = {
     ),
     "bloom": transformers.BloomConfig(vocab_size=128, hidden_size=64, n_head=4, n_layer=2),
 }
+MOE = dict(COMMON, num_hidden_layers=2, num_key_value_heads=2, num_experts_per_tok=2)
+MOE_CONFIGS = {
+    "mixtral": transformers.MixtralConfig(**MOE, intermediate_size=48, num_local_experts=4),
+    "qwen2_moe": transformers.Qwen2MoeConfig(
+        **MOE, intermediate_size=96, moe_intermediate_size=48, shared_expert_intermediate_size=64, num_experts=4
+    ),
+    "qwen3_moe": transformers.Qwen3MoeConfig(
+        **MOE, intermediate_size=96, moe_intermediate_size=48, num_experts=4, head_dim=16
+    ),
+    "gpt_oss": transformers.GptOssConfig(**MOE, intermediate_size=48, num_local_experts=4, head_dim=16),
+}
+CONFIGS |= MOE_CONFIGS
 
 
 def tiny_model(kind: str, folder, seed: int = 0, dtype: torch.dtype = torch.float32):

@@ -12,20 +12,29 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import easyquant  # noqa: F401  (registers the loader)
-from conftest import CONFIGS, check, tiny_model
+from conftest import CONFIGS, MOE_CONFIGS, check, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
-from easyquant.nn import EasyQuantLinear
+from easyquant.nn import EasyQuantExperts, EasyQuantLinear
 from easyquant.pipeline import Options, quantize_model
 
 
 def dequantized_copy(model, folder_out, config: QuantConfig):
-    """The reference: the same model with each quantized weight replaced by dequantize()."""
+    """The reference: the same model with each quantized weight replaced by dequantize(); an
+    experts parameter expert by expert (as (out, in) matrices: transposed layouts turned)."""
     modules = json.loads((folder_out / "config.json").read_text())["quantization_config"]["modules"]
     ref = type(model)(model.config).eval()
     ref.load_state_dict(model.state_dict())
-    for name in modules:
-        lin = ref.get_submodule(name)
-        lin.weight.data = quantize_weight(lin.weight.data, config, name=name).dequantize()
+    for name, info in modules.items():
+        mod = ref.get_submodule(name)
+        if isinstance(info["outliers"], int):
+            mod.weight.data = quantize_weight(mod.weight.data, config, name=name).dequantize()
+            continue
+        for param in info["outliers"]:
+            w = getattr(mod, param).data
+            for e in range(w.shape[0]):
+                m = w[e].T if mod.is_transposed else w[e]
+                d = quantize_weight(m.contiguous(), config).dequantize()
+                w[e] = d.T if mod.is_transposed else d
     return ref
 
 
@@ -44,8 +53,12 @@ def test_quantize_save_load_generate(kind, tmp_path):
 
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     quantized = [m for m in loaded.modules() if isinstance(m, EasyQuantLinear)]
-    assert len(quantized) == len(qc["modules"]) == len(summary.layers)
+    assert len(quantized) == len(summary.layers)
     assert not any(isinstance(m, torch.nn.Linear) and n in qc["modules"] for n, m in loaded.named_modules())
+    if kind in MOE_CONFIGS:  # every expert of both fused parameters, in both blocks
+        experts = [r for r in summary.layers if r.get("expert")]
+        assert len(experts) == 2 * 2 * 4 and summary.quantized_share > 0.8
+        assert all(isinstance(m, EasyQuantExperts) for n, m in loaded.named_modules() if n.endswith(".experts"))
 
     ref = dequantized_copy(model, out, cfg)
     x = torch.randint(0, 128, (2, 12))
@@ -154,13 +167,14 @@ def test_sharded_source(tmp_path):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
-def test_resume_after_interruption_gives_identical_checkpoint(tmp_path):
+@pytest.mark.parametrize(("kind", "units"), [("llama", 14), ("mixtral", 8 + 16)])
+def test_resume_after_interruption_gives_identical_checkpoint(tmp_path, kind, units):
     import subprocess
     import sys
     import time
 
     src = tmp_path / "src"
-    tiny_model("llama", src)
+    tiny_model(kind, src)
     quantize_model(src, tmp_path / "clean", progress=False)
     out = tmp_path / "resumed"
     code = (
@@ -178,7 +192,7 @@ def test_resume_after_interruption_gives_identical_checkpoint(tmp_path):
     proc.kill()
     proc.wait()
     done = len(list(layers.glob("*.safetensors")))
-    assert 3 <= done < 14, "the run should have been killed part-way"
+    assert 3 <= done < units, "the run should have been killed part-way"
     assert not (out / "config.json").exists()
     quantize_model(src, out, progress=False)
     assert _checkpoint_bytes(tmp_path / "clean") == _checkpoint_bytes(out)
