@@ -31,14 +31,13 @@ import struct
 import sys
 import tempfile
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from workloads import run_meta, trial_args
+from workloads import quiet_transformers, run_meta, save_random_llama, trial_args
 
 import easyquant  # noqa: F401  (registers the loader)
 from easyquant import EasyQuantError, QuantConfig
@@ -50,12 +49,8 @@ ODD_VALUES = [None, -1, 0, 1, 3, 9, 2**40, 10**18, -(2**63), 1.5, float("nan"), 
 
 
 def base_checkpoint(folder: Path) -> Path:
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder / "src")
+    save_random_llama(folder / "src", vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      max_position_embeddings=32)  # fmt: skip
     quantize_model(folder / "src", folder / "q", QuantConfig(group_size=32, n_sigma=2.0), progress=False)
     return folder / "q"
 
@@ -192,9 +187,7 @@ def load_and_check(folder: Path) -> str:
 
 
 def run(cases: int, seed: int, progress: bool = True) -> dict:
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    warnings.simplefilter("ignore")
+    quiet_transformers()
     signal.signal(signal.SIGALRM, _alarm)
     outcomes: Counter = Counter()
     failures = []

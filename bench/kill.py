@@ -27,12 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-import torch
 import transformers
-from workloads import run_meta, trial_args
+from workloads import quiet_transformers, run_meta, save_random_llama, trial_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = (
@@ -78,19 +76,13 @@ def loads_as_complete(out: Path) -> bool:
 
 
 def run(points: int, seed: int) -> dict:
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    warnings.simplefilter("ignore")
+    quiet_transformers()
     rng = random.Random(seed)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        config = transformers.LlamaConfig(
-            vocab_size=128, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64,
-        )  # fmt: skip
-        torch.manual_seed(0)
-        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp / "src")
+        save_random_llama(tmp / "src", vocab_size=128, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                          max_position_embeddings=64)  # fmt: skip
         durations = {w: timed_run(tmp / "src", tmp / f"clean-{w}", w) for w in (1, 2)}
         clean = tree(tmp / "clean-1")
         checkpoint = {k: v for k, v in clean.items() if not k.startswith(".")}  # without the run record

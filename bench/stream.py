@@ -5,6 +5,7 @@ weights; written one tensor at a time), then quantizes it in a child process and
 child's peak resident memory (ru_maxrss) against the checkpoint size and the largest tensor.
 
     python bench/stream.py [--layers 24] [--hidden 2048] [--intermediate 5632] [--workers 1]
+    python bench/stream.py --experts 16 ...   # Mixtral-shaped: fused 3-D experts tensors
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ import torch
 from easyquant.st_io import Entry, atomic_write_json, write_safetensors
 
 
-def synthetic_checkpoint(folder: Path, layers: int, hidden: int, inter: int, vocab: int, per_shard: int) -> int:
+def synthetic_checkpoint(
+    folder: Path, layers: int, hidden: int, inter: int, vocab: int, per_shard: int, experts: int = 0
+) -> int:
+    """A Llama-shaped checkpoint, or with ``experts`` a Mixtral-shaped one whose experts are the
+    fused 3-D tensors transformers 5 holds (``mlp.experts.gate_up_proj`` ...), plus a router."""
     folder.mkdir(parents=True, exist_ok=True)
     shapes = {
         "model.embed_tokens.weight": (vocab, hidden),
@@ -40,12 +45,21 @@ def synthetic_checkpoint(folder: Path, layers: int, hidden: int, inter: int, voc
             p + "self_attn.k_proj.weight": (hidden, hidden),
             p + "self_attn.v_proj.weight": (hidden, hidden),
             p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "mlp.gate_proj.weight": (inter, hidden),
-            p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
             p + "input_layernorm.weight": (hidden,),
             p + "post_attention_layernorm.weight": (hidden,),
         }
+        if experts:
+            shapes |= {
+                p + "mlp.gate.weight": (experts, hidden),
+                p + "mlp.experts.gate_up_proj": (experts, 2 * inter, hidden),
+                p + "mlp.experts.down_proj": (experts, hidden, inter),
+            }
+        else:
+            shapes |= {
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+            }
 
     def make(name: str, shape: tuple[int, ...]):
         def load() -> torch.Tensor:
@@ -71,8 +85,9 @@ def synthetic_checkpoint(folder: Path, layers: int, hidden: int, inter: int, voc
         weight_map |= {e.name: name for e in shard}
     atomic_write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["MixtralForCausalLM" if experts else "LlamaForCausalLM"],
+        "model_type": "mixtral" if experts else "llama",
+        **({"num_local_experts": experts, "num_experts_per_tok": 2} if experts else {}),
         "hidden_size": hidden,
         "intermediate_size": inter,
         "num_hidden_layers": layers,
@@ -84,7 +99,7 @@ def synthetic_checkpoint(folder: Path, layers: int, hidden: int, inter: int, voc
         "tie_word_embeddings": False,
     }
     atomic_write_json(folder / "config.json", config)
-    return sum(e.nbytes for e in entries)
+    return sum(e.nbytes for e in entries), max(e.nbytes for e in entries)
 
 
 def main() -> None:
@@ -93,14 +108,16 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--experts", type=int, default=0, help="experts per layer (0: a dense Llama)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--json", type=Path, default=Path("bench/results/stream.json"))
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         src, out = Path(tmp) / "src", Path(tmp) / "out"
-        model_bytes = synthetic_checkpoint(src, args.layers, args.hidden, args.intermediate, args.vocab, 1 << 30)
-        largest = max(args.vocab * args.hidden, args.intermediate * args.hidden) * 2
+        model_bytes, largest = synthetic_checkpoint(
+            src, args.layers, args.hidden, args.intermediate, args.vocab, 1 << 30, args.experts
+        )
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "easyquant.cli", "quantize", str(src), str(out), "--workers", str(args.workers)]
         subprocess.run(cmd, check=True)
@@ -114,6 +131,7 @@ def main() -> None:
         "layers": args.layers,
         "hidden": args.hidden,
         "intermediate": args.intermediate,
+        "experts": args.experts,
         "workers": args.workers,
         "model_bytes": model_bytes,
         "largest_tensor_bytes": largest,

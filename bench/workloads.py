@@ -108,3 +108,23 @@ def trial_args(doc: str, count: str, default: int) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     return ap.parse_args()
+
+
+def save_random_llama(folder: Path, **sizes: int) -> None:
+    """A random Llama (seed 0, 4 heads, 2 KV heads) of the given sizes, saved as transformers saves it."""
+    import transformers
+
+    config = transformers.LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **sizes)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+
+
+def quiet_transformers() -> None:
+    """No progress bars, warnings or info lines from transformers: trial runs print their own."""
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.simplefilter("ignore")

@@ -2,7 +2,10 @@
 
 Each method quantizes a fresh copy of the model in memory (each quantized weight replaced by
 what its checkpoint would dequantize to, which the tests show equals loading the checkpoint),
-then is measured against the full-precision model on the same evaluation windows. Size is the
+then is measured against the full-precision model on the same evaluation windows. The
+block linears and, in mixture-of-experts models, every expert matrix are quantized by the
+methods that work weight by weight; GPTQ, which needs each layer's calibration inputs, does
+the linears only; each row says what share of the model's weights it quantized. Size is the
 checkpoint's tensor bytes: quantized linears at their bits per weight (every overhead counted),
 everything else as the model stores it. Generation speed is measured where the method's
 packed format has a runtime here: for methods that write the easyquant format, the copy's
@@ -15,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,10 +31,11 @@ from .evaluate import Reference, evaluate, generation_speed
 from .gptq import gptq_model
 from .nn import swap_in_quantized
 from .peers import hqq_quantize
+from .pipeline import MIN_QUANTIZED_SHARE
 from .plots import save_plot
 from .quantize import QuantConfig, quantize_weight
 from .qweight import QuantizedWeight
-from .targets import block_linears
+from .targets import block_linears, expert_matrices
 
 Linears = list[tuple[str, nn.Linear]]
 
@@ -42,6 +47,8 @@ class Quantized:
 
     bits_per_weight: float
     outlier_fraction: float
+    weights: int  # how many weights it quantized
+    experts: bool = False  # whether those include the experts
     packed: dict[str, QuantizedWeight] | None = None
 
 
@@ -51,17 +58,22 @@ PerLayer = Callable[[str, torch.Tensor, int], tuple[torch.Tensor, float, int, Qu
 
 
 def _per_layer(fn: PerLayer) -> Method:
-    """A method that quantizes each weight on its own: ``fn(name, w, bits) -> (w_hat, bpw, outliers, packed)``."""
+    """A method that quantizes each weight on its own, experts included:
+    ``fn(name, w, bits) -> (w_hat, bpw, outliers, packed)``. Packed weights (for the speed
+    measure) only for models without experts."""
 
     def run(model: nn.Module, linears: Linears, bits: int, calib: torch.Tensor) -> Quantized:
-        total = bits_sum = outliers = 0.0
+        total = bits_sum = outliers = 0
         packed = {}
-        for name, lin in linears:
-            lin.weight.data, bpw, n_out, packed[name] = fn(name, lin.weight.data, bits)
-            bits_sum += bpw * lin.weight.numel()
+        for name, w in [(name, lin.weight.data) for name, lin in linears] + expert_matrices(model):
+            w_hat, bpw, n_out, packed[name] = fn(name, w.contiguous(), bits)
+            w.copy_(w_hat)
+            bits_sum += bpw * w.numel()
             outliers += n_out
-            total += lin.weight.numel()
-        return Quantized(bits_sum / total, outliers / total, None if None in packed.values() else packed)
+            total += w.numel()
+        experts = len(packed) > len(linears)
+        usable = None not in packed.values() and not experts
+        return Quantized(bits_sum / total, outliers / total, total, experts, packed if usable else None)
 
     return run
 
@@ -84,7 +96,7 @@ def gptq_method(group_size: int | None) -> Method:
         # Same storage as RTN: codes, an fp16 scale per row or group (no outliers).
         n = sum(lin.weight.numel() for _, lin in linears)
         scales = sum(lin.out_features * -(-lin.in_features // (group_size or lin.in_features)) for _, lin in linears)
-        return Quantized(bits + 16 * scales / n, 0.0)
+        return Quantized(bits + 16 * scales / n, 0.0, n)
 
     return run
 
@@ -137,7 +149,8 @@ class Row:
     bits: int
     bits_per_weight: float
     outlier_fraction: float
-    rel_error: float  # ||W - Q[W]|| / ||W|| over all quantized linears
+    rel_error: float  # ||W - Q[W]|| / ||W|| over every weight the method quantized
+    quantized_share: float  # of the model's weights
     perplexity: float
     kl_mean: float
     kl_p99: float
@@ -169,10 +182,13 @@ def compare(
     weights through torch's int4 kernel; the reference is timed in the same dtype)."""
     runs = {name: resolve(name) for name in methods}
     model.eval()
-    weights = [lin.weight for _, lin in block_linears(model)]
-    originals = [w.data.float() for w in weights]
-    linear_bytes = sum(w.numel() * w.element_size() for w in weights)
-    other_bytes = _tensor_bytes(model) - linear_bytes
+    model_weights = sum(p.numel() for p in model.parameters() if p.dtype.is_floating_point)
+
+    def quantizable(m: nn.Module) -> list[torch.Tensor]:
+        return [lin.weight.data for _, lin in block_linears(m)] + [w for _, w in expert_matrices(m)]
+
+    originals = [w.float().clone() for w in quantizable(model)]
+    all_bytes = _tensor_bytes(model)
     prompt = windows[:1, :16]
 
     def speed(m: nn.Module) -> float | None:  # casts m
@@ -180,7 +196,7 @@ def compare(
 
     reference = Reference.of(model, windows)
     q = evaluate(model, windows, reference)
-    fp = Row("full precision", 16, 16.0, 0.0, 0.0, q.perplexity, q.kl_mean, q.kl_p99, q.top1, 0.0,
+    fp = Row("full precision", 16, 16.0, 0.0, 0.0, 0.0, q.perplexity, q.kl_mean, q.kl_p99, q.top1, 0.0,
              _tensor_bytes(model) / 2**20, speed(copy.deepcopy(model)))  # fmt: skip
     rows = []
     for b in bits:
@@ -190,20 +206,26 @@ def compare(
             t0 = time.perf_counter()
             result = runs[name](m, linears, b, calib)
             seconds = time.perf_counter() - t0
-            err = sum(
-                (lin.weight.data.float() - w).square().sum().item()
-                for (_, lin), w in zip(linears, originals, strict=True)
-            )
-            rel = (err / sum(w.square().sum().item() for w in originals)) ** 0.5
+            # The weights it quantized (linears first, then experts), against the originals.
+            pairs = list(zip(quantizable(m), originals, strict=True))[: None if result.experts else len(linears)]
+            err = sum((w.float() - o).square().sum().item() for w, o in pairs)
+            rel = (err / sum(o.square().sum().item() for _, o in pairs)) ** 0.5
             q = evaluate(m, windows, reference)
-            n_weights = sum(w.numel() for w in originals)
-            size = (other_bytes + result.bits_per_weight * n_weights / 8) / 2**20
+            stored = sum(w.numel() * w.element_size() for w, _ in pairs)
+            size = (all_bytes - stored + result.bits_per_weight * result.weights / 8) / 2**20
             tokens_per_s = None
             if result.packed is not None and gen_tokens:
                 swap_in_quantized(m, result.packed)
                 tokens_per_s = speed(m)
-            rows.append(Row(name, b, result.bits_per_weight, result.outlier_fraction, rel, q.perplexity, q.kl_mean,
-                            q.kl_p99, q.top1, seconds, size, tokens_per_s))  # fmt: skip
+            rows.append(Row(name, b, result.bits_per_weight, result.outlier_fraction, rel,
+                            result.weights / model_weights, q.perplexity, q.kl_mean, q.kl_p99, q.top1, seconds, size,
+                            tokens_per_s))  # fmt: skip
+            if rows[-1].quantized_share < MIN_QUANTIZED_SHARE:
+                warnings.warn(
+                    f"{name}: quantized only {rows[-1].quantized_share:.0%} of the model's weights; the rest stay in "
+                    "full precision in its row",
+                    stacklevel=2,
+                )
             if on_row:
                 on_row(rows[-1])
             del m
@@ -218,15 +240,16 @@ def _speed(r: Row, fp: Row) -> str:
 
 def markdown(fp: Row, rows: list[Row]) -> str:
     lines = [
-        "| method | bits | bits/weight | size (MiB) | outliers | weight rel. error | perplexity | KL mean | KL p99 "
-        "| top-1 | quantize (s) | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| {fp.method} | 16 | - | {fp.size_mib:.1f} | - | - | {fp.perplexity:.3f} | 0 | 0 | 100% | - "
+        "| method | bits | bits/weight | quantized | size (MiB) | outliers | weight rel. error | perplexity | KL mean "
+        "| KL p99 | top-1 | quantize (s) | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {fp.method} | 16 | - | - | {fp.size_mib:.1f} | - | - | {fp.perplexity:.3f} | 0 | 0 | 100% | - "
         f"| {_speed(fp, fp)} |",
     ]
     for r in rows:
         lines.append(
-            f"| {r.method} | {r.bits} | {r.bits_per_weight:.3f} | {r.size_mib:.1f} | {r.outlier_fraction:.3%} "
+            f"| {r.method} | {r.bits} | {r.bits_per_weight:.3f} | {r.quantized_share:.0%} | {r.size_mib:.1f} "
+            f"| {r.outlier_fraction:.3%} "
             f"| {r.rel_error:.4f} | {r.perplexity:.3f} | {r.kl_mean:.4f} | {r.kl_p99:.4f} | {r.top1:.2%} "
             f"| {r.seconds:.1f} | {_speed(r, fp)} |"
         )

@@ -114,6 +114,16 @@ def expert_params(model: nn.Module) -> list[tuple[str, str, nn.Parameter, bool]]
     return out
 
 
+def expert_matrices(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every expert's ``(out, in)`` matrix, named ``{module}.{parameter}[{e}]``, as a view into its
+    fused parameter (a transposed view for transposed layouts): writing it writes the model."""
+    out = []
+    for module, param, p, transposed in expert_params(model):
+        for e in range(p.shape[0]):
+            out.append((f"{module}.{param}[{e}]", p.data[e].T if transposed else p.data[e]))
+    return out
+
+
 def _disk_names(name: str, prefix: str, renamings: list[tuple[str, str]]) -> list[str]:
     """How a checkpoint may spell the model's tensor ``name``: as is, without the base model
     prefix, or with transformers' renamings undone (``.mlp.`` -> ``.block_sparse_moe.``)."""

@@ -93,3 +93,21 @@ def test_compare_table(tmp_path):
     stored = sum(t.numel() * t.element_size() for f in out.glob("*.safetensors") for t in load_file(f).values())
     size = next(r.size_mib for r in rows if (r.method, r.bits) == ("easyquant", 4))
     assert abs(size * 2**20 - stored) < 1 and size < fp.size_mib
+
+
+def test_compare_counts_experts(tmp_path):
+    """On a mixture of experts the weight-by-weight methods quantize every expert (the size is
+    what `easyquant quantize` writes); GPTQ, linears only, is shown covering less and warned of."""
+    model = tiny_model("mixtral", tmp_path / "m")
+    with pytest.warns(UserWarning, match=r"gptq: quantized only \d+% of the model's weights"):
+        fp, rows = compare(model, windows(), windows(n=4, seed=1), ["easyquant", "gptq"], [4], gen_tokens=0)
+    share = {r.method: r.quantized_share for r in rows}
+    assert share["easyquant"] > 0.8 > 0.5 > share["gptq"] > 0
+    assert "| easyquant | 4 | " in markdown(fp, rows) and f"| {share['easyquant']:.0%} |" in markdown(fp, rows)
+    summary = quantize_model(tmp_path / "m", tmp_path / "q", QuantConfig(bits=4), progress=False)
+    assert summary.quantized_share == pytest.approx(share["easyquant"])
+    stored = sum(
+        t.numel() * t.element_size() for f in (tmp_path / "q").glob("*.safetensors") for t in load_file(f).values()
+    )
+    size = next(r.size_mib for r in rows if r.method == "easyquant")
+    assert abs(size * 2**20 - stored) < 1

@@ -113,3 +113,21 @@ def test_router_stays_unless_included(tmp_path):
     assert sum(r["module"].endswith("shared_expert_gate") for r in s.layers) == 2
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b")
     assert isinstance(model.model.layers[0].mlp.shared_expert_gate, EasyQuantLinear)
+
+
+def test_bad_experts_checkpoint_is_refused_on_load(tmp_path):
+    tiny_model("qwen3_moe", tmp_path / "src")
+    quantize_model(tmp_path / "src", tmp_path / "q", progress=False)
+    cfg_path = tmp_path / "q" / "config.json"
+    good = cfg_path.read_text()
+    cfg = json.loads(good)
+    cfg["quantization_config"]["modules"]["model.layers.0.mlp.experts"]["outliers"]["gate_up_proj"].pop()
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(EasyQuantError, match=r"lists 3 experts of model\.layers\.0\.mlp\.experts\.gate_up_proj"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    cfg_path.write_text(good)
+    state = load_file(tmp_path / "q" / "model.safetensors")
+    del state["model.layers.1.mlp.experts.down_proj.2.scales"]
+    save_file(state, tmp_path / "q" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(EasyQuantError, match=r"no tensor model\.layers\.1\.mlp\.experts\.down_proj\.2\.scales"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
