@@ -12,6 +12,7 @@ from .errors import EasyQuantError
 from .pipeline import Options, quantize_model
 from .quantize import QuantConfig
 from .solvers import SOLVERS
+from .source import source_note
 
 DTYPES = ("bfloat16", "float32", "float16")
 
@@ -24,6 +25,11 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outlier-scope", choices=["tensor", "row"], default="tensor")
     p.add_argument("--solver", choices=list(SOLVERS), default="search", help="range solver (default search)")
     p.add_argument("--p", type=float, default=None, help="norm of the range objective (solver default if unset)")
+    p.add_argument("--adam-lr", type=float, default=None, help="paper solver: Adam's step (default 1e-3)")
+    p.add_argument("--adam-steps", type=int, default=None, help="paper solver: Adam's steps (default 100)")
+    p.add_argument(
+        "--no-orient", action="store_true", help="positive scales, as the paper (default: largest weight on qmin)"
+    )
 
 
 def _config(a: argparse.Namespace) -> QuantConfig:
@@ -34,6 +40,9 @@ def _config(a: argparse.Namespace) -> QuantConfig:
         outlier_scope=a.outlier_scope,
         solver=a.solver,
         p=a.p,
+        lr=a.adam_lr,
+        steps=a.adam_steps,
+        orient=not a.no_orient,
     )
 
 
@@ -88,7 +97,7 @@ def cmd_study(a: argparse.Namespace) -> None:
     model_path = Path(a.model) if a.model else assets.smollm2_gguf()
     model, _ = load_causal_lm(model_path)
     linears = block_linears(model)
-    note = " (weights from GGUF Q4_1: 4-bit quantized once already)" if model_path.suffix == ".gguf" else ""
+    note = source_note(model_path)
     if a.question == "outliers":
         title = f"{model_path.name}{note}: outliers at n-sigma {a.n_sigma:g} (per tensor)"
         print(title)
@@ -150,7 +159,7 @@ def cmd_compare(a: argparse.Namespace) -> None:
     calib = token_windows(tok, read_text(calib_text), a.window, a.calib_windows)
     methods = a.methods.split(",") if a.methods else list(DEFAULT_METHODS)
     bits = [int(b) for b in a.bits.split(",")]
-    note = " (weights from GGUF Q4_1: 4-bit quantized once already)" if model_path.suffix == ".gguf" else ""
+    note = source_note(model_path)
     title = (
         f"{model_path.name}{note}; eval {Path(text).name}: {len(windows)} windows of {a.window} tokens; "
         f"GPTQ calibration {Path(calib_text).name}: {len(calib)} windows"

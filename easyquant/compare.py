@@ -117,8 +117,8 @@ DEFAULT_METHODS = ("rtn", "rtn-mse", "hqq-g64", "hqq-g128", "paper", "easyquant"
 
 
 def _value(text: str) -> object:
-    if text.lower() == "none":
-        return None
+    if text.lower() in ("none", "true", "false"):
+        return {"none": None, "true": True, "false": False}[text.lower()]
     for kind in (int, float):
         try:
             return kind(text)

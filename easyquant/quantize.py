@@ -32,7 +32,10 @@ class QuantConfig:
     ``group_size=None`` is per output channel. ``n_sigma=None`` keeps no outliers.
     ``p=None`` takes the solver's default objective (2 for ``paper``, 2.4 for ``mse``,
     3 for ``search``). ``max_outlier_fraction`` refuses an ``n_sigma`` that would turn a
-    large share of the weights into fp16 outliers.
+    large share of the weights into fp16 outliers. ``lr`` and ``steps`` set the ``paper``
+    solver's Adam (default: the paper's BLOOM setting, 1e-3 and 100; its LLaMA setting is 1e-4
+    and 500). ``orient=False`` gives every row a positive scale, as the paper does, instead of
+    putting each row's largest weight on the grid's longer side.
     """
 
     bits: int = 4
@@ -42,6 +45,9 @@ class QuantConfig:
     solver: str = "search"
     p: float | None = None
     max_outlier_fraction: float = 0.1
+    lr: float | None = None
+    steps: int | None = None
+    orient: bool = True
 
     def __post_init__(self) -> None:
         Grid(self.bits)
@@ -53,9 +59,18 @@ class QuantConfig:
             raise EasyQuantError(f"outlier_scope must be 'tensor' or 'row', got {self.outlier_scope!r}")
         if self.solver not in SOLVERS:
             raise EasyQuantError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
+        if (self.lr is not None or self.steps is not None) and self.solver != "paper":
+            raise EasyQuantError(f"lr and steps set the paper solver's Adam; solver {self.solver!r} takes neither")
+        if self.lr is not None and not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            raise EasyQuantError(f"lr must be a positive number, got {self.lr!r}")
+        if self.steps is not None and (type(self.steps) is not int or self.steps < 1):
+            raise EasyQuantError(f"steps must be a positive integer, got {self.steps!r}")
+        if not isinstance(self.orient, bool):
+            raise EasyQuantError(f"orient must be true or false, got {self.orient!r}")
 
     def make_solver(self) -> RangeSolver:
-        return make_solver(self.solver, self.p)
+        options = {k: v for k, v in (("lr", self.lr), ("steps", self.steps)) if v is not None}
+        return make_solver(self.solver, self.p, **options)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,7 +147,7 @@ def quantize_weight(
         c = c * col_weight.to(c)
     wg, cg = to_groups(x, gs), to_groups(c, gs)
     keep = cg > 0
-    sign = orient(wg, keep)
+    sign = orient(wg, keep) if config.orient else torch.ones(wg.shape[0], dtype=wg.dtype, device=wg.device)
     wg = wg * sign[:, None]
     solver = config.make_solver()
     step = max(1, CHUNK_ELEMENTS.get(w.device.type, 1 << 20) // gs)

@@ -288,6 +288,30 @@ def stage_pickle(folder: Path, staging: Path) -> Path:
     return _stage(staging, states(), write_rest)
 
 
+UNQUANTIZED = ("F32", "F16", "BF16", "ALL_F32", "MOSTLY_F16", "MOSTLY_BF16")
+
+
+def source_note(path: Path) -> str:
+    """What a reader of a table must know about the weights at ``path``: a GGUF file's own
+    format (``general.file_type``, else its commonest tensor type), and whether its weights were
+    quantized once already. Empty for other sources."""
+    if path.suffix != ".gguf":
+        return ""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    field = reader.fields.get("general.file_type")
+    if field is not None:
+        kind = gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
+    else:
+        from collections import Counter
+
+        kind = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) == 2).most_common(1)[0][0]
+    if kind in UNQUANTIZED:
+        return f" (weights from GGUF {kind})"
+    return f" (weights from GGUF {kind}: quantized once already)"
+
+
 def open_source(src: str | Path, staging: Path, allow_pickle: bool = False) -> Source:
     """The checkpoint at ``src``; GGUF and (opted-in) pickle inputs are staged under ``staging``."""
     src = Path(src)

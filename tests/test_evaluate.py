@@ -111,3 +111,25 @@ def test_compare_counts_experts(tmp_path):
     )
     size = next(r.size_mib for r in rows if r.method == "easyquant")
     assert abs(size * 2**20 - stored) < 1
+
+
+def test_source_note_names_the_gguf_format(tmp_path):
+    import gguf
+    import numpy as np
+
+    from easyquant.assets import smollm2_gguf
+    from easyquant.source import source_note
+
+    assert source_note(smollm2_gguf()) == " (weights from GGUF Q4_1: quantized once already)"
+    for kind, expect in [("MOSTLY_Q4_K_M", " (weights from GGUF Q4_K_M: quantized once already)"),
+                         ("ALL_F32", " (weights from GGUF ALL_F32)")]:  # fmt: skip
+        path = tmp_path / f"{kind}.gguf"
+        w = gguf.GGUFWriter(path, "llama")
+        w.add_file_type(gguf.LlamaFileType[kind])
+        w.add_tensor("x", np.zeros((4, 4), np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        assert source_note(path) == expect
+    assert source_note(tmp_path) == ""

@@ -212,6 +212,11 @@ def test_bad_weights_are_named(w, match):
         ({"n_sigma": float("nan")}, "n_sigma"),
         ({"solver": "magic"}, "unknown solver"),
         ({"outlier_scope": "column"}, "outlier_scope"),
+        ({"lr": 1e-4}, "solver 'search' takes neither"),
+        ({"solver": "paper", "lr": -1.0}, "lr must be"),
+        ({"solver": "paper", "steps": 0}, "steps must be"),
+        ({"solver": "paper", "steps": 2.5}, "steps must be"),
+        ({"orient": "no"}, "orient must be"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -247,3 +252,23 @@ def test_col_weight_trades_error_toward_heavy_columns():
         return (q.dequantize() - w)[:, :32].square().sum()
 
     assert heavy_err(weighted) < heavy_err(plain)
+
+
+def test_paper_settings_and_orientation(weight):
+    """The paper's LLaMA setting (lr 1e-4, 500 steps) reaches the solver; orient=False keeps
+    every scale positive, as the paper's grid does, and clips the rows whose peak is positive."""
+    from easyquant.solvers import PaperAdam
+
+    w = weight
+    llama = QuantConfig(solver="paper", lr=1e-4, steps=500, n_sigma=None)
+    assert llama.make_solver() == PaperAdam(lr=1e-4, steps=500)
+    assert not torch.equal(
+        quantize_weight(w, llama).scales, quantize_weight(w, QuantConfig(solver="paper", n_sigma=None)).scales
+    )
+    plain = quantize_weight(w, QuantConfig(solver="rtn", n_sigma=None, orient=False))
+    oriented = quantize_weight(w, QuantConfig(solver="rtn", n_sigma=None))
+    assert bool((plain.scales > 0).all()) and bool((oriented.scales < 0).any())
+    flipped = (oriented.scales < 0).squeeze(1)  # rows whose largest weight is positive
+    assert torch.equal(plain.scales[~flipped], oriented.scales[~flipped])
+    err = lambda q: (q.dequantize() - w).square().sum(dim=1)  # noqa: E731
+    assert bool((err(plain)[flipped] >= err(oriented)[flipped]).all())
