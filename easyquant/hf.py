@@ -9,7 +9,7 @@ keys are refused), every safetensors header is parsed and checked against the mo
 dtypes, shapes) before a byte of data is read or memory allocated, and after loading the CSR
 outlier arrays are bounds-checked before any kernel can index memory with them. Each failure
 is an :class:`EasyQuantError` naming the file, module or key.
-Pinned to transformers >=5.0,<6 in pyproject.toml; tested with 5.23 and 5.17 (on the CPU).
+Pinned to transformers >=5.0,<6 in pyproject.toml; tested with 5.24 and 5.17 (on the CPU).
 """
 
 from __future__ import annotations

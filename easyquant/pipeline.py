@@ -39,7 +39,7 @@ from .errors import EasyQuantError
 from .quantize import QuantConfig, quantize_weight
 from .source import DTYPE_OF, INDEX, Source, TensorRef, WeightSource, fingerprint, loader_files, open_source
 from .st_io import Entry, atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_temps, write_safetensors
-from .targets import Target, find_targets
+from .targets import Plan, Target, find_targets
 
 FORMAT_VERSION = 1
 WORK_DIR = ".easyquant-work"
@@ -297,12 +297,15 @@ def _run_units(todo: list[Unit], config: QuantConfig, workers: int, device: str,
             bar.update()
 
 
-def _output_entries(source: Source, targets: list[Target], work: Path) -> list[Entry]:
-    """Every tensor of the checkpoint, by name: the source's, less those quantized (a fused
-    experts tensor, or the per-expert tensors it was read from), and the units' tensors."""
-    consumed = {key for t in targets for key in t.source.keys}
-    entries = [Entry(k, r.dtype, r.shape, r.load) for k, r in source.tensors.items() if k not in consumed]
-    for target in targets:
+def _output_entries(source: Source, plan: Plan, work: Path) -> list[Entry]:
+    """Every tensor of the checkpoint, by name: the source's (named as the model names them),
+    less those quantized (a fused experts tensor, or the per-expert tensors it was read
+    from), and the units' tensors."""
+    consumed = {key for t in plan.targets for key in t.source.keys}
+    entries = [
+        Entry(plan.output_name(k), r.dtype, r.shape, r.load) for k, r in source.tensors.items() if k not in consumed
+    ]
+    for target in plan.targets:
         path = _unit_path(work, target)
         with safe_open(path, "pt") as f:
             for name in f.keys():
@@ -433,7 +436,8 @@ def _quantize_into(
     progress: bool,
 ) -> Summary:
     source = open_source(src, work / "staging", allow_pickle)
-    targets = find_targets(source, options.skip, options.include)
+    plan = find_targets(source, options.skip, options.include)
+    targets = plan.targets
     todo = [(t.source, t, _unit_path(work, t)) for t in targets if not _unit_path(work, t).is_file()]
     if device == "cuda":
         workers = workers if workers > 1 else torch.cuda.device_count()
@@ -447,7 +451,7 @@ def _quantize_into(
             "precision (see the summary; --include adds modules)",
             stacklevel=2,
         )
-    summary.output_bytes = _write_shards(out, _output_entries(source, targets, work), options.max_shard_bytes)
+    summary.output_bytes = _write_shards(out, _output_entries(source, plan, work), options.max_shard_bytes)
     copied, left_out = loader_files(source.folder)
     summary.left_out = [f.name for f in left_out if f.name != INDEX and not f.name.endswith(".safetensors")]
     for f in copied:

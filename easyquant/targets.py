@@ -196,7 +196,23 @@ def _tied_to(model: nn.Module, name: str) -> str | None:
     )
 
 
-def find_targets(source: Source, skip: tuple[str, ...] = (), include: tuple[str, ...] = ()) -> list[Target]:
+@dataclass(frozen=True)
+class Plan:
+    """What to quantize, and how the model names the checkpoint's other tensors."""
+
+    targets: list[Target]
+    renamings: list[tuple[str, str]]  # transformers' load-time renamings: (on disk, in the model)
+
+    def output_name(self, key: str) -> str:
+        """An untouched tensor's name in the output: the model's (``.block_sparse_moe.`` ->
+        ``.mlp.``), so that a loader never has to rename it (transformers <= 5.17 then also
+        skips the dtype cast ``from_pretrained(dtype=...)`` asks for)."""
+        for old, new in self.renamings:
+            key = re.sub(old, new, key)  # transformers' patterns are regular expressions
+        return key
+
+
+def find_targets(source: Source, skip: tuple[str, ...] = (), include: tuple[str, ...] = ()) -> Plan:
     """The checkpoint's tensors for :func:`block_linears` and every expert, sorted by name."""
     model = build_meta_model(source)
     prefix = getattr(model, "base_model_prefix", "")
@@ -229,7 +245,7 @@ def find_targets(source: Source, skip: tuple[str, ...] = (), include: tuple[str,
                 f"{ref.file}: tensor {ref.key} has shape {ref.shape}, expected {(mod.out_features, mod.in_features)}"
             )
         targets.append(Target(key, mod.in_features, mod.out_features, mod.bias is not None, ref))
-    conversions = _conversions(model) if experts else ([], [])
+    conversions = _conversions(model)
     for module, param_name, param, transposed in experts:
         full = f"{module}.{param_name}"
         if _matches(full, skip) or _matches(module, skip):
@@ -249,4 +265,4 @@ def find_targets(source: Source, skip: tuple[str, ...] = (), include: tuple[str,
             targets.append(Target(f"{base}.{e}", in_features, out_features, False, src, expert))
     if not targets:
         raise EasyQuantError(f"{source.folder}: found no linear layers to quantize (skip={list(skip)})")
-    return sorted(targets, key=lambda t: t.expert or (t.module,))
+    return Plan(sorted(targets, key=lambda t: t.expert or (t.module,)), conversions[0])
