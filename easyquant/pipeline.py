@@ -407,7 +407,6 @@ def quantize_model(
                 summary = Summary(out, **record["summary"])
             else:
                 (work / "layers").mkdir(parents=True, exist_ok=True)
-                remove_stale_temps(work / "layers")
                 summary = _quantize_into(
                     out, work, src, config, options, workers, device, executor, allow_pickle, progress
                 )
@@ -455,7 +454,8 @@ def _quantize_into(
     copied, left_out = loader_files(source.folder)
     summary.left_out = [f.name for f in left_out if f.name != INDEX and not f.name.endswith(".safetensors")]
     for f in copied:
-        atomic_write_bytes(out / f.name, f.read_bytes())
+        (out / f).parent.mkdir(exist_ok=True)
+        atomic_write_bytes(out / f, (source.folder / f).read_bytes())
     atomic_write_bytes(out / SUMMARY, summary.markdown().encode())
     model_config = source.config
     model_config["quantization_config"] = quantization_config_dict(config, options, targets, summary.layers)

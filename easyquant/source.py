@@ -128,11 +128,26 @@ class Source:
         return json.loads((self.folder / "config.json").read_text())
 
 
+def _module_configs(folder: Path) -> list[Path]:
+    """The JSON configs of the sentence-transformers modules ``modules.json`` lists
+    (``1_Pooling/config.json``), relative to ``folder``: a module folder inside it only."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+    except (OSError, ValueError):
+        return []
+    paths = [m.get("path") for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
+    subdirs = [
+        Path(p) for p in paths if isinstance(p, str) and p and not Path(p).is_absolute() and ".." not in Path(p).parts
+    ]
+    return sorted(f.relative_to(folder) for d in subdirs if (folder / d).is_dir() for f in (folder / d).glob("*.json"))
+
+
 def loader_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """The files of ``folder`` a loader needs beside weights and config.json, and the ones left out."""
-    files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+    """The files a loader needs beside weights and config.json, relative to ``folder`` (a
+    sentence-transformers model's module configs included), and the top-level ones left out."""
+    files = sorted(Path(f.name) for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
     keep = [f for f in files if any(fnmatch.fnmatchcase(f.name, p) for p in LOADER_FILES)]
-    return keep, [f for f in files if f not in keep and f.name != "config.json"]
+    return keep + _module_configs(folder), [f for f in files if f not in keep and f.name != "config.json"]
 
 
 def fingerprint(src: Path) -> list[list]:
@@ -282,8 +297,9 @@ def stage_pickle(folder: Path, staging: Path) -> Path:
             yield state
 
     def write_rest(tmp: Path) -> None:
-        for f in [folder / "config.json", *loader_files(folder)[0]]:
-            shutil.copyfile(f, tmp / f.name)
+        for f in [Path("config.json"), *loader_files(folder)[0]]:
+            (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / f, tmp / f)
 
     return _stage(staging, states(), write_rest)
 

@@ -75,9 +75,9 @@ def _replace(tmp: Path, path: Path) -> None:
 
 
 def remove_stale_temps(folder: Path) -> None:
-    """Delete the temporary files a killed writer left in ``folder`` (call only while no other
-    writer can be at work there: :func:`easyquant.pipeline.quantize_model` holds a lock)."""
-    for f in folder.glob(f".*{TMP_SUFFIX}"):
+    """Delete the temporary files a killed writer left under ``folder`` (call only while no
+    other writer can be at work there: :func:`easyquant.pipeline.quantize_model` holds a lock)."""
+    for f in folder.rglob(f".*{TMP_SUFFIX}"):
         f.unlink(missing_ok=True)
 
 

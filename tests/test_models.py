@@ -117,6 +117,9 @@ def test_encoder_checkpoint(tmp_path):
     out = tmp_path / "q"
     summary = quantize_model(minilm_dir(), out, QuantConfig(bits=4, group_size=64), progress=False)
     assert len(summary.layers) == 36  # 6 blocks x (q, k, v, attn out, intermediate, output)
+    # sentence-transformers' module configs come along (modules.json names 1_Pooling)
+    for f in ("modules.json", "1_Pooling/config.json", "sentence_bert_config.json"):
+        assert (out / f).read_bytes() == (minilm_dir() / f).read_bytes()
     enc = transformers.AutoModel.from_pretrained(out).eval()
     ref = transformers.AutoModel.from_pretrained(minilm_dir()).eval()
     tok = transformers.AutoTokenizer.from_pretrained(out)

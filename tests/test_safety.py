@@ -130,9 +130,12 @@ def test_only_loader_files_are_copied(tmp_path):
         (src / name).write_bytes(b"\0" * 4096)
     (src / "tokenizer_config.json").write_text("{}")
     (src / "chat_template.jinja").write_text("{{ messages }}")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.json").write_text("{}")
+    (src / "modules.json").write_text(json.dumps([{"path": "../outside"}, {"path": "/etc"}]))
     summary = quantize_model(src, out, progress=False)
     names = {p.name for p in out.iterdir()}
-    assert not names & set(others)
+    assert not names & set(others) and not (out / "outside").exists() and "modules.json" in names
     assert {"tokenizer_config.json", "chat_template.jinja", "generation_config.json", "config.json"} <= names
     assert sorted(summary.left_out) == sorted(others) and "not copied: " in summary.line()
 
