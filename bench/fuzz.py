@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from workloads import quiet_transformers, run_meta, save_random_llama, trial_args
+from workloads import quiet_transformers, save_random_llama, trial_args, trial_meta
 
 import easyquant  # noqa: F401  (registers the loader)
 from easyquant import EasyQuantError, QuantConfig
@@ -223,8 +223,8 @@ def run(cases: int, seed: int, progress: bool = True) -> dict:
 def main() -> None:
     a = trial_args(__doc__, "cases", 10_000)
     result = run(a.cases, a.seed)
-    result["meta"] = run_meta()[0]
-    print(f"# Loader fuzz: {a.cases} mutated checkpoints (seed {a.seed}), {result['seconds']:.0f} s\n")
+    result["meta"], heading = trial_meta()
+    print(f"# Loader fuzz: {a.cases} mutated checkpoints (seed {a.seed}), {result['seconds']:.0f} s\n\n{heading}\n")
     print("| mutation | refused | loaded (checked) | failure | hang |\n|---|---|---|---|---|")
     for kind, r in result["by_kind"].items():
         print(f"| {kind} | {r['refused']} | {r['loaded']} | {r['failure']} | {r['hang']} |")

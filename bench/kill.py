@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import transformers
-from workloads import quiet_transformers, run_meta, save_random_llama, trial_args
+from workloads import quiet_transformers, save_random_llama, trial_args, trial_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = (
@@ -117,9 +117,10 @@ def run(points: int, seed: int) -> dict:
 def main() -> None:
     a = trial_args(__doc__, "points", 20)
     result = run(a.points, a.seed)
-    result["meta"] = run_meta()[0]
+    result["meta"], heading = trial_meta()
     d = result["durations_s"]
     print(f"# Kill test: {result['ok']}/{a.points} points resumed bit-identical, none loadable unless complete\n")
+    print(f"{heading}\n")
     print(f"Kill window (after the imports, to the checkpoint's completion + 10%): {d[1]:.2f} s with one worker, "
           f"{d[2]:.2f} s with two.\n")  # fmt: skip
     print("| point | workers | killed at | units done | files left | loads | resumed identical |")

@@ -128,3 +128,12 @@ def quiet_transformers() -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.simplefilter("ignore")
+
+
+def trial_meta() -> tuple[dict, str]:
+    """What a trial run (fuzz, kill: no timings that matter) states about itself, and its heading."""
+    import os
+
+    meta = run_meta(cpus=os.cpu_count())[0]
+    heading = f"{meta['date']}, {meta['machine']}, {meta['cpus']} CPUs, torch {meta['torch']}"
+    return meta, heading + f", transformers {meta['transformers']}"

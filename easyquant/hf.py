@@ -229,9 +229,8 @@ def verify_files(model: nn.Module, qconfig: EasyQuantConfig, files: list[Path]) 
     if unlisted:
         raise EasyQuantError(f"the checkpoint holds {unlisted[0]}, of a module its quantization_config does not list")
     for key, (path, dtype, shape) in headers.items():
-        param = params.get(key) if key not in expected else None
-        param = param if param is not None else params.get(_model_name(model, key, params))
-        if key in expected or param is None:
+        param = None if key in expected else params.get(_model_name(model, key, params))
+        if param is None:
             continue
         if shape != tuple(param.shape) or DTYPE_OF[dtype].is_floating_point != param.dtype.is_floating_point:
             raise EasyQuantError(

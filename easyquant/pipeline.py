@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .errors import EasyQuantError
 from .quantize import QuantConfig, quantize_weight
-from .source import DTYPE_OF, INDEX, Source, TensorRef, WeightSource, fingerprint, loader_files, open_source
+from .source import DTYPE_OF, INDEX, Source, TensorRef, fingerprint, loader_files, open_source
 from .st_io import Entry, atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_temps, write_safetensors
 from .targets import Plan, Target, find_targets
 
@@ -120,7 +120,7 @@ def _unit_path(work: Path, target: Target) -> Path:
     return work / "layers" / f"{target.module}.safetensors"
 
 
-Unit = tuple[WeightSource, Target, Path]
+Unit = tuple[Target, Path]
 EXECUTORS = ("local", "ray")
 _worker_device: str = "cpu"
 
@@ -133,12 +133,11 @@ def _init_worker(devices: list[str], counter, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def quantize_unit(
-    ref: WeightSource, target: Target, config: QuantConfig, path: Path, device: str | None = None
-) -> dict:
+def quantize_unit(target: Target, config: QuantConfig, path: Path, device: str | None = None) -> dict:
     """Quantize one weight into its unit file; returns its summary row."""
     t0 = time.perf_counter()
-    qw = quantize_weight(ref.load().to(device or _worker_device), config, name=ref.name)
+    source = target.source
+    qw = quantize_weight(source.load().to(device or _worker_device), config, name=source.name)
     row = {
         "module": target.module,
         "rows": qw.shape[0],
@@ -252,8 +251,8 @@ def _quantize_args(args: tuple) -> dict:
 
 def _local_results(todo: list[Unit], config: QuantConfig, workers: int, device: str) -> Iterator[dict]:
     if workers <= 1:
-        for ref, target, path in todo:
-            yield quantize_unit(ref, target, config, path, device)
+        for target, path in todo:
+            yield quantize_unit(target, config, path, device)
         return
     import multiprocessing as mp
 
@@ -262,7 +261,7 @@ def _local_results(todo: list[Unit], config: QuantConfig, workers: int, device: 
     threads = max(1, (os.cpu_count() or 1) // workers)
     # Leaving the block terminates the workers: a failing tensor stops the run at once.
     with ctx.Pool(workers, _init_worker, (devices, ctx.Value("i", 0), threads)) as pool:
-        yield from pool.imap_unordered(_quantize_args, [(ref, target, config, path) for ref, target, path in todo])
+        yield from pool.imap_unordered(_quantize_args, [(target, config, path) for target, path in todo])
 
 
 def _ray_results(todo: list[Unit], config: QuantConfig, device: str) -> Iterator[dict]:
@@ -275,7 +274,7 @@ def _ray_results(todo: list[Unit], config: QuantConfig, device: str) -> Iterator
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     task = ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0)(quantize_unit)
-    pending = [task.remote(ref, target, config, path, device) for ref, target, path in todo]
+    pending = [task.remote(target, config, path, device) for target, path in todo]
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -286,7 +285,7 @@ def _ray_results(todo: list[Unit], config: QuantConfig, device: str) -> Iterator
 
 
 def _run_units(todo: list[Unit], config: QuantConfig, workers: int, device: str, executor: str, progress: bool) -> None:
-    total = sum(t.in_features * t.out_features for _, t, _ in todo)
+    total = sum(t.in_features * t.out_features for t, _ in todo)
     done_weights, t0 = 0, time.perf_counter()
     results = _ray_results(todo, config, device) if executor == "ray" else _local_results(todo, config, workers, device)
     with tqdm(total=len(todo), unit="tensor", desc="quantizing", disable=not progress or not todo) as bar:
@@ -437,7 +436,7 @@ def _quantize_into(
     source = open_source(src, work / "staging", allow_pickle)
     plan = find_targets(source, options.skip, options.include)
     targets = plan.targets
-    todo = [(t.source, t, _unit_path(work, t)) for t in targets if not _unit_path(work, t).is_file()]
+    todo = [(t, _unit_path(work, t)) for t in targets if not _unit_path(work, t).is_file()]
     if device == "cuda":
         workers = workers if workers > 1 else torch.cuda.device_count()
     _run_units(todo, config, workers, device, executor, progress)

@@ -97,8 +97,7 @@ class QuantizedWeight:
             raise EasyQuantError(f"{name}.outlier_rowptr is not a valid CSR row pointer for {idx.numel()} outliers")
         if idx.numel() and not (0 <= idx.min() and idx.max() < cols):
             raise EasyQuantError(f"{name}.outlier_cols holds columns outside 0..{cols - 1}")
-        row = torch.repeat_interleave(torch.arange(self.shape[0], device=ptr.device), ptr.diff())
-        if bool(((idx.diff() <= 0) & (row.diff() == 0)).any()):
+        if bool(((idx.diff() <= 0) & (self.outlier_rows().diff() == 0)).any()):
             raise EasyQuantError(f"{name}.outlier_cols is not strictly ascending within each row")
 
     @property
@@ -138,10 +137,13 @@ class QuantizedWeight:
     def write_outliers(self, w: torch.Tensor) -> torch.Tensor:
         """Write the outliers over the dense ``(rows, cols)`` weight ``w`` in place; returns ``w``."""
         if self.outlier_count:
-            rows = torch.arange(self.shape[0], device=w.device)
-            rows = torch.repeat_interleave(rows, torch.diff(self.outlier_rowptr.long()))
-            w[rows, self.outlier_cols.long()] = self.outlier_values.to(w.dtype)
+            w[self.outlier_rows(), self.outlier_cols.long()] = self.outlier_values.to(w.dtype)
         return w
+
+    def outlier_rows(self) -> torch.Tensor:
+        """The row of each outlier (the CSR row pointers expanded)."""
+        ptr = self.outlier_rowptr.long()
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=ptr.device), ptr.diff())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by name (what a checkpoint holds)."""
