@@ -1,0 +1,154 @@
+"""vLLM integration, out of tree: ``pip install easyquant`` registers, through the
+``vllm.general_plugins`` entry point, a quantization config named ``easyquant``; a checkpoint
+whose ``quantization_config.quant_method`` is ``easyquant`` selects it with no flag, so
+``vllm serve OUT`` and ``LLM(model=OUT)`` just work.
+
+Loading: each quantized linear gets the checkpoint's five tensors (packed codes, scales, CSR
+outliers) as parameters whose loader keeps what it is given, unsharded, per logical shard (vLLM
+fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``, and tells the loader which
+shard each tensor is). After loading, each shard is cut for this tensor-parallel rank without
+dequantizing (:mod:`easyquant.shards`: rows for column-parallel layers, columns for
+row-parallel ones, outliers partitioned with them), the shards are stacked into one weight,
+and the layer runs it through :class:`EasyQuantLinear`, which picks the Triton kernel on CUDA
+and torch's int4 kernel or dequantization on the CPU. Layers the checkpoint left in full
+precision (``lm_head``, skipped modules) keep vLLM's own unquantized method.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    LinearMethodBase,
+    QKVParallelLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.utils import set_weight_attrs
+
+from .errors import EasyQuantError
+from .hf import METHOD, EasyQuantConfig
+from .nn import QUANTIZED_TENSORS, EasyQuantLinear
+from .qweight import QuantizedWeight
+from .shards import stack_rows, take_cols, take_rows
+
+
+class EasyQuantVllmConfig(QuantizationConfig):
+    """The checkpoint's ``quantization_config``, validated as transformers' loader validates it."""
+
+    def __init__(self, config: EasyQuantConfig):
+        super().__init__()
+        self.config = config
+
+    def get_name(self) -> str:
+        return METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 0  # Triton on any CUDA GPU; torch on the CPU
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> EasyQuantVllmConfig:
+        return cls(EasyQuantConfig(**{k: v for k, v in config.items() if k != "quant_method"}))
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> LinearMethodBase | None:
+        if not isinstance(layer, LinearBase):
+            return None
+        parts = _checkpoint_modules(prefix, self.packed_modules_mapping)
+        listed = [p in self.config.modules for p in parts]
+        if all(listed):
+            return EasyQuantLinearMethod(self.config)
+        if any(listed):
+            raise EasyQuantError(f"vLLM fuses {parts} into {prefix}, but the checkpoint quantized only some of them")
+        return UnquantizedLinearMethod()
+
+
+def _checkpoint_modules(prefix: str, packed: dict[str, list[str]]) -> list[str]:
+    """The checkpoint's module names behind a vLLM layer (``...qkv_proj`` -> q, k, v)."""
+    head, _, last = prefix.rpartition(".")
+    return [f"{head}.{p}" if head else p for p in packed[last]] if last in packed else [prefix]
+
+
+def _shard_order(layer: torch.nn.Module, shards: dict) -> list:
+    if isinstance(layer, QKVParallelLinear):
+        return ["q", "k", "v"]
+    return sorted(shards, key=lambda s: -1 if s is None else s)
+
+
+class EasyQuantLinearMethod(LinearMethodBase):
+    def __init__(self, config: EasyQuantConfig):
+        self.config = config
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        layer.easyquant_shards = {}  # shard id -> {tensor name: full tensor}
+        layer.easyquant_sizes = (input_size_per_partition, list(output_partition_sizes), input_size, params_dtype)
+
+        def keep(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+            shard_id = getattr(loaded, "shard_id", None) if shard_id is None else shard_id
+            layer.easyquant_shards.setdefault(shard_id, {})[param.easyquant_name] = loaded.detach().clone()
+
+        for name in QUANTIZED_TENSORS:
+            param = torch.nn.Parameter(torch.empty(0), requires_grad=False)  # on vLLM's device for the layer
+            set_weight_attrs(param, {"weight_loader": keep, "easyquant_name": name})
+            layer.register_parameter(name, param)
+
+    def _local(self, layer: torch.nn.Module, index: int, shard: object, t: dict[str, torch.Tensor]) -> QuantizedWeight:
+        """One logical shard, full as stored, cut for this tensor-parallel rank."""
+        local_cols, local_rows, cols, dtype = layer.easyquant_sizes
+        rows = t["outlier_rowptr"].numel() - 1
+        name = f"{layer.prefix}[{shard}]" if shard is not None else layer.prefix
+        qw = QuantizedWeight(
+            *(t[n] for n in QUANTIZED_TENSORS), self.config.bits, self.config.group_size or cols, (rows, cols), dtype
+        )
+        qw.check(name)
+        if isinstance(layer, RowParallelLinear) and local_cols != cols:
+            return take_cols(qw, layer.tp_rank * local_cols, (layer.tp_rank + 1) * local_cols)
+        want = local_rows[index]
+        if want == rows:
+            return qw
+        rank = layer.tp_rank
+        if isinstance(layer, QKVParallelLinear) and shard in ("k", "v"):
+            rank //= layer.num_kv_head_replicas
+        return take_rows(qw, rank * want, (rank + 1) * want)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        shards = layer.easyquant_shards
+        order = _shard_order(layer, shards)
+        missing = [s for s in order if set(shards.get(s, {})) != set(QUANTIZED_TENSORS)]
+        if missing or len(order) != len(layer.easyquant_sizes[1]):
+            raise EasyQuantError(f"{layer.prefix}: the checkpoint lacks quantized tensors of shards {missing}")
+        qw = stack_rows([self._local(layer, i, s, shards[s]) for i, s in enumerate(order)])
+        device = layer.packed.device
+        for name in QUANTIZED_TENSORS:
+            delattr(layer, name)
+        layer.easyquant_shards = None
+        layer.easyquant = EasyQuantLinear.from_quantized(qw.to(device), name=layer.prefix)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = layer.easyquant(x)
+        return y + bias if bias is not None else y
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point (vLLM calls it in every process it starts)."""
+    register_quantization_config(METHOD)(EasyQuantVllmConfig)
