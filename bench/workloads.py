@@ -84,13 +84,18 @@ def timer(device: str, reps: int) -> Callable[[Callable[[], object]], float]:
 
 def run_meta(**extra: object) -> tuple[dict, str]:
     """What a timing run states about itself (date, machine, GPU, versions), and its heading line."""
-    import transformers
-    import triton
+    from importlib.metadata import PackageNotFoundError, version
 
+    import transformers
+
+    try:
+        triton_version = version("triton")
+    except PackageNotFoundError:
+        triton_version = None
     on_gpu = torch.cuda.is_available()
     meta = {"date": date.today().isoformat(), "machine": platform.platform(), "device": "cuda" if on_gpu else "cpu",
             "gpu": torch.cuda.get_device_name() if on_gpu else None, "torch": torch.__version__,
-            "triton": triton.__version__, "transformers": transformers.__version__, "interpreted": not on_gpu,
+            "triton": triton_version, "transformers": transformers.__version__, "interpreted": not on_gpu,
             **extra}  # fmt: skip
     where = meta["gpu"] or "CPU under TRITON_INTERPRET=1 (timings say nothing of GPU speed)"
     return meta, f"{meta['date']}, {where}, torch {meta['torch']}, triton {meta['triton']}"

@@ -191,6 +191,13 @@ def cmd_compare(a: argparse.Namespace) -> None:
     print(f"wrote {a.out / 'compare.md'}, compare.json and compare.png")
 
 
+def cmd_export_gguf(a: argparse.Namespace) -> None:
+    from .gguf_export import export_gguf
+
+    report = export_gguf(a.ckpt, a.out, tokenizer_from=a.tokenizer_from, dense=a.dense, overwrite=a.overwrite)
+    print(report.summary())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="easyquant", description="Data-free low-bit quantization of LLM weights (EasyQuant)."
@@ -224,6 +231,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     q.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (with weights_only=True)")
     q.set_defaults(fn=cmd_quantize)
+
+    g = sub.add_parser("export-gguf", help="write an easyquant checkpoint as a GGUF file llama.cpp runs (Q4_0/Q8_0)")
+    g.add_argument("ckpt", help="easyquant checkpoint folder")
+    g.add_argument("out", help="the .gguf file to write")
+    g.add_argument(
+        "--tokenizer-from",
+        metavar="GGUF",
+        help="copy the tokenizer from a GGUF of the same model (needed for SentencePiece vocabularies)",
+    )
+    g.add_argument(
+        "--dense", default="f16", choices=["f16", "f32", "q8_0"], help="tensors left unquantized (default f16)"
+    )
+    g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    g.set_defaults(fn=cmd_export_gguf)
 
     d = sub.add_parser("demo", help="quantize the offline SmolLM2-135M and show quality before and after")
     d.add_argument("--out", type=Path, default=Path("runs/smollm2-easyquant"))

