@@ -11,7 +11,8 @@ dequantizing (:mod:`easyquant.shards`: rows for column-parallel layers, columns 
 row-parallel ones, outliers partitioned with them), the shards are stacked into one weight,
 and the layer runs it through :class:`EasyQuantLinear`, which picks the Triton kernel on CUDA
 and torch's int4 kernel or dequantization on the CPU. Layers the checkpoint left in full
-precision (``lm_head``, skipped modules) keep vLLM's own unquantized method.
+precision (``lm_head``, skipped modules) keep vLLM's own unquantized method. Quantized
+mixture-of-experts layers are refused by name (vLLM's fused-MoE path is not served yet).
 """
 
 from __future__ import annotations
@@ -60,7 +61,14 @@ class EasyQuantVllmConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> EasyQuantVllmConfig:
-        return cls(EasyQuantConfig(**{k: v for k, v in config.items() if k != "quant_method"}))
+        parsed = EasyQuantConfig(**{k: v for k, v in config.items() if k != "quant_method"})
+        experts = [m for m, info in parsed.modules.items() if isinstance(info["outliers"], dict)]
+        if experts:
+            raise EasyQuantError(
+                f"{experts[0]}: the vLLM plugin does not serve quantized mixture-of-experts layers yet "
+                "(transformers does, after import easyquant)"
+            )
+        return cls(parsed)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> LinearMethodBase | None:
         if not isinstance(layer, LinearBase):

@@ -15,6 +15,7 @@ import torch
 import transformers
 
 import easyquant  # noqa: F401  (registers the transformers loader)
+from conftest import tiny_model
 from easyquant import QuantConfig
 from easyquant.assets import smollm2_gguf
 from easyquant.pipeline import quantize_model
@@ -98,6 +99,17 @@ def test_vllm_matches_transformers_on_smollm2(tmp_path) -> None:
     quantize_model(smollm2_gguf(), tmp_path / "q", progress=False)
     prompts = [[504, 3458, 282, 4649, 314], [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 28]]
     assert_same(vllm_generate(tmp_path / "q", prompts, 16), hf_generate(tmp_path / "q", prompts, 16))
+
+
+def test_quantized_experts_are_refused_by_name(tmp_path) -> None:
+    tiny_model("mixtral", tmp_path / "src")
+    quantize_model(tmp_path / "src", tmp_path / "q", progress=False)
+    run = subprocess.run(
+        [str(VLLM_PY), str(ROOT / "tests" / "vllm_generate.py"), str(tmp_path / "q"), "--prompt-ids", "[[1, 2]]"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "model.layers.0.mlp.experts: the vLLM plugin does not serve quantized mixture-of-experts" in run.stderr
 
 
 def test_plugin_is_an_entry_point_vllm_finds() -> None:

@@ -32,7 +32,7 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     llm = LLM(
-        model=a.model, dtype=a.dtype, max_model_len=512, enforce_eager=True, gpu_memory_utilization=0.25,
+        model=a.model, dtype=a.dtype, enforce_eager=True, gpu_memory_utilization=0.25,
         skip_tokenizer_init=True, tensor_parallel_size=a.tp,
     )  # fmt: skip
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in json.loads(a.prompt_ids)]
