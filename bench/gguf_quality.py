@@ -15,7 +15,6 @@ Text: gensim's news prose (lee_background.cor), consecutive windows of --window 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from workloads import markdown_table, quiet_transformers, trial_meta
+from workloads import markdown_table, quiet_transformers, trial_meta, write_report
 
 from easyquant import QuantConfig
 from easyquant.assets import news_text, smollm2_gguf
@@ -95,7 +94,7 @@ def main() -> None:
         row("llama.cpp Q4_0 (gguf quants.quantize)", load_causal_lm(tmp / "llama_cpp.gguf")[0], 4.5, size)
 
     meta, heading = trial_meta()
-    meta.update(model=f"SmolLM2-135M-Instruct {source_note(src)}", windows=len(windows), window=a.window)
+    meta.update(model=f"SmolLM2-135M-Instruct{source_note(src)}", windows=len(windows), window=a.window)
     head = ["method", "linear bits/weight", "file MiB", "perplexity", "KL mean", "KL p99", "top-1", "note"]
     table = markdown_table(head, [[r["method"], f"{r['linear_bits_per_weight']:.2f}", f"{r['file_mib']:.1f}",
                                    f"{r['perplexity']:.3f}", f"{r['kl_mean']:.4f}", f"{r['kl_p99']:.3f}",
@@ -103,10 +102,7 @@ def main() -> None:
     text = (f"# GGUF export quality\n\n{heading}. Model: {meta['model']}. Text: {len(windows)} windows of "
             f"{a.window} tokens of news prose. Dense tensors (embeddings, norms) F16 in every GGUF row, "
             f"fp32 in the checkpoints.\n\n{table}\n")  # fmt: skip
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "gguf.md").write_text(text)
-    (a.out / "gguf.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(text)
+    write_report(a.out, "gguf", text, meta, rows)
 
 
 if __name__ == "__main__":

