@@ -27,6 +27,7 @@ from workloads import markdown_table, quiet_transformers, trial_meta, write_repo
 from easyquant import QuantConfig
 from easyquant.assets import news_text, smollm2_gguf
 from easyquant.evaluate import Reference, evaluate, read_text, token_windows
+from easyquant.ggml_blocks import Q8_0
 from easyquant.gguf_export import Layout, export_gguf
 from easyquant.models import load_causal_lm
 from easyquant.pipeline import quantize_model
@@ -89,6 +90,10 @@ def main() -> None:
             share = report.requantized / report.blocks
             note = f"{report.requantized} of {report.blocks} blocks re-quantized ({share:.1%})"
             row(f"{name}: GGUF export", load_causal_lm(tmp / f"q{i}.gguf")[0], 4.5, report.nbytes, note)
+            if i == 0:  # the outliers kept within Q8_0's rounding, at 8.5 bits/weight
+                export_gguf(ckpt, tmp / "q8.gguf", tokenizer_from=src, kind=Q8_0, progress=False)
+                row(f"{name}: GGUF export as Q8_0", load_causal_lm(tmp / "q8.gguf")[0], 8.5,
+                    (tmp / "q8.gguf").stat().st_size)  # fmt: skip
         llama_cpp_q4_0(tmp / "q0.gguf", tmp / "llama_cpp.gguf", ref_model)
         size = (tmp / "llama_cpp.gguf").stat().st_size
         row("llama.cpp Q4_0 (gguf quants.quantize)", load_causal_lm(tmp / "llama_cpp.gguf")[0], 4.5, size)

@@ -192,9 +192,13 @@ def cmd_compare(a: argparse.Namespace) -> None:
 
 
 def cmd_export_gguf(a: argparse.Namespace) -> None:
+    from .ggml_blocks import Q4_0, Q8_0
     from .gguf_export import export_gguf
 
-    report = export_gguf(a.ckpt, a.out, tokenizer_from=a.tokenizer_from, dense=a.dense, overwrite=a.overwrite)
+    kind = {"auto": None, "q4_0": Q4_0, "q8_0": Q8_0}[a.type]
+    report = export_gguf(
+        a.ckpt, a.out, tokenizer_from=a.tokenizer_from, dense=a.dense, kind=kind, overwrite=a.overwrite
+    )
     print(report.summary())
 
 
@@ -242,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     g.add_argument(
         "--dense", default="f16", choices=["f16", "f32", "q8_0"], help="tensors left unquantized (default f16)"
+    )
+    g.add_argument(
+        "--type",
+        default="auto",
+        choices=["auto", "q4_0", "q8_0"],
+        help="block type of the quantized linears (auto: Q4_0 up to 4 bits, else Q8_0; q8_0 keeps outliers "
+        "within Q8_0's rounding at 8.5 bits/weight)",
     )
     g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     g.set_defaults(fn=cmd_export_gguf)

@@ -49,6 +49,11 @@ def test_blocks_are_llama_cpp_blocks_of_the_same_weight(seed, bits, group, n_sig
     assert b.requantized == int(touched.sum())
     # every block without an outlier (inside one scale group) is carried over bit for bit
     assert torch.equal(ours.view(8, 3, 32)[~touched], dense[~touched])
+    # as Q8_0 (--type q8_0) the re-solved blocks, outliers included, stay within a step of 255 levels
+    q8 = reconstruct(to_blocks(qw, Q8_0).data, Q8_0, qw.shape).view(8, 3, 32)
+    assert torch.equal(q8[~touched], dense[~touched])
+    step = dense.abs().amax(-1, keepdim=True) / 127
+    assert ((q8 - dense).abs() <= step).all()
 
 
 @settings(max_examples=40, deadline=None)
