@@ -89,8 +89,16 @@ def tokenizer_dir(tmp_path_factory):
     return folder
 
 
+SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_key_value_heads": 2,
+         "max_position_embeddings": 64}  # fmt: skip
+MORE = {  # transformers reads Qwen3's head_dim from a GGUF only at its default, 128
+    "qwen3": transformers.Qwen3Config(**SMALL, num_attention_heads=2, head_dim=128),
+    "gemma2": transformers.Gemma2Config(**SMALL, num_attention_heads=4, head_dim=16),
+}
+
+
 def _tiny_checkpoint(kind: str, tmp_path, tokenizer_dir, config: QuantConfig = EXACT):
-    cfg = copy.deepcopy(CONFIGS[kind])
+    cfg = copy.deepcopy(MORE.get(kind) or CONFIGS[kind])
     cfg.vocab_size, cfg.tie_word_embeddings = 49152, kind != "llama"  # the tokenizer's vocabulary
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "src")
@@ -106,12 +114,12 @@ def _logits(path, **kw) -> torch.Tensor:
     return model(torch.tensor([[1, 5, 900, 42, 7, 3000, 11]])).logits
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3", "gemma2"])
 def test_exported_file_loads_with_the_checkpoint_logits(tmp_path, tokenizer_dir, kind) -> None:
     ckpt = _tiny_checkpoint(kind, tmp_path, tokenizer_dir)
     report = export_gguf(ckpt, tmp_path / "m.gguf", dense="f32", progress=False)
     assert report.requantized == 0 and set(report.quantized.values()) == {"Q4_0"}
-    assert report.arch == ("qwen2" if kind == "qwen2" else "llama")
+    assert report.arch == {"mistral": "llama"}.get(kind, kind)
     got = _logits(tmp_path, gguf_file="m.gguf")
     torch.testing.assert_close(got, _logits(ckpt), atol=2e-4, rtol=1e-4)
     assert not list(tmp_path.glob(".*eqtmp"))
