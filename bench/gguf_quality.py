@@ -22,7 +22,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from workloads import markdown_table, quiet_transformers, trial_meta, write_report
+from workloads import format_table, quiet_transformers, trial_meta, write_report
 
 from easyquant import QuantConfig
 from easyquant.assets import news_text, smollm2_gguf
@@ -100,10 +100,10 @@ def main() -> None:
 
     meta, heading = trial_meta()
     meta.update(model=f"SmolLM2-135M-Instruct{source_note(src)}", windows=len(windows), window=a.window)
-    head = ["method", "linear bits/weight", "file MiB", "perplexity", "KL mean", "KL p99", "top-1", "note"]
-    table = markdown_table(head, [[r["method"], f"{r['linear_bits_per_weight']:.2f}", f"{r['file_mib']:.1f}",
-                                   f"{r['perplexity']:.3f}", f"{r['kl_mean']:.4f}", f"{r['kl_p99']:.3f}",
-                                   f"{r['top1']:.2%}", r["note"]] for r in rows])  # fmt: skip
+    table = format_table(rows, [("method", "method", "{}"), ("linear bits/weight", "linear_bits_per_weight", "{:.2f}"),
+                                ("file MiB", "file_mib", "{:.1f}"), ("perplexity", "perplexity", "{:.3f}"),
+                                ("KL mean", "kl_mean", "{:.4f}"), ("KL p99", "kl_p99", "{:.3f}"),
+                                ("top-1", "top1", "{:.2%}"), ("note", "note", "{}")])  # fmt: skip
     text = (f"# GGUF export quality\n\n{heading}. Model: {meta['model']}. Text: {len(windows)} windows of "
             f"{a.window} tokens of news prose. Dense tensors (embeddings, norms) F16 in every GGUF row, "
             f"fp32 in the checkpoints.\n\n{table}\n")  # fmt: skip

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf_quality import llama_cpp_q4_0
-from workloads import markdown_table, quiet_transformers, trial_meta, write_report
+from workloads import format_table, quiet_transformers, trial_meta, write_report
 
 from easyquant import QuantConfig
 from easyquant.assets import news_text, smollm2_gguf
@@ -36,6 +36,7 @@ from easyquant.evaluate import read_text
 from easyquant.gguf_export import export_gguf
 from easyquant.models import load_causal_lm
 from easyquant.pipeline import quantize_model
+from easyquant.source import source_note
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -117,13 +118,12 @@ def main() -> None:
 
     meta, heading = trial_meta()
     meta.update(llama_cpp_python=llama_cpp.__version__, windows=len(windows), window=a.window)
-    table = markdown_table(
-        ["file", "MiB", "KL mean", "KL p99", "top-1", "perplexity", "decode tokens/s"],
-        [[r["file"], f"{r['mib']:.1f}", f"{r['kl_mean']:.4f}", f"{r['kl_p99']:.3f}", f"{r['top1']:.2%}",
-          f"{r['perplexity']:.3f}", f"{r['tokens_per_s']:.1f}"] for r in rows],
-    )  # fmt: skip
+    table = format_table(rows, [("file", "file", "{}"), ("MiB", "mib", "{:.1f}"), ("KL mean", "kl_mean", "{:.4f}"),
+                                ("KL p99", "kl_p99", "{:.3f}"), ("top-1", "top1", "{:.2%}"),
+                                ("perplexity", "perplexity", "{:.3f}"),
+                                ("decode tokens/s", "tokens_per_s", "{:.1f}")])  # fmt: skip
     text = (f"# llama.cpp running GGUF exports\n\n{heading}, llama-cpp-python {llama_cpp.__version__} (built from "
-            f"source here). Model: SmolLM2-135M-Instruct (weights from GGUF Q4_1: quantized once already). "
+            f"source here). Model: SmolLM2-135M-Instruct{source_note(src)}. "
             f"{len(windows)} windows of {a.window} tokens of news prose, scored by llama.cpp; greedy decode of 64 "
             f"tokens after 32, median of 3, {os.cpu_count()} threads.\n\n{table}\n")  # fmt: skip
     write_report(a.out, "llama_cpp", text, meta, rows)

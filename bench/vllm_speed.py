@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from workloads import markdown_table, trial_meta, write_report
+from workloads import format_table, trial_meta, write_report
 
 from easyquant.assets import smollm2_gguf
 from easyquant.pipeline import quantize_model
-from easyquant.source import stage_gguf
+from easyquant.source import source_note, stage_gguf
 
 
 def tokens_per_second(model: Path, batch: int, new_tokens: int, reps: int) -> tuple[float, str]:
@@ -70,13 +70,11 @@ def main() -> None:
 
     meta, heading = trial_meta()
     meta.update(vllm=vllm.__version__, new_tokens=a.new_tokens, reps=a.reps, bits_per_weight=summary.bits_per_weight)
-    table = markdown_table(
-        ["batch", "vLLM bf16 tokens/s", "vLLM easyquant tokens/s", "easyquant / bf16"],
-        [[r["batch"], f"{r['bf16_tokens_per_s']:.1f}", f"{r['easyquant_tokens_per_s']:.1f}", f"{r['ratio']:.2f}x"]
-         for r in rows],
-    )  # fmt: skip
+    table = format_table(rows, [("batch", "batch", "{}"), ("vLLM bf16 tokens/s", "bf16_tokens_per_s", "{:.1f}"),
+                                ("vLLM easyquant tokens/s", "easyquant_tokens_per_s", "{:.1f}"),
+                                ("easyquant / bf16", "ratio", "{:.2f}x")])  # fmt: skip
     text = (f"# vLLM (CPU build) serving easyquant vs bf16\n\n{heading}, vLLM {vllm.__version__} (CPU build, eager). "
-            f"Model: SmolLM2-135M-Instruct (weights from GGUF Q4_1: quantized once already), easyquant defaults "
+            f"Model: SmolLM2-135M-Instruct{source_note(smollm2_gguf())}, easyquant defaults "
             f"({summary.bits_per_weight:.2f} bits/weight). Greedy, 32-token prompts, {a.new_tokens} new tokens, "
             f"median of {a.reps} after a warm-up.\n\n{table}\n")  # fmt: skip
     write_report(a.out, "vllm", text, meta, rows)

@@ -106,6 +106,11 @@ def markdown_table(head: list[str], rows: list[list[object]]) -> str:
                      + ["| " + " | ".join(map(str, cells)) + " |" for cells in rows])  # fmt: skip
 
 
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """A markdown table of ``rows``: one column per (heading, key, format string such as ``{:.2f}``)."""
+    return markdown_table([h for h, _, _ in columns], [[f.format(r[k]) for _, k, f in columns] for r in rows])
+
+
 def write_report(out: Path, name: str, text: str, meta: dict, rows: list[dict]) -> None:
     """``out/name.md`` (the table as printed) and ``out/name.json`` (meta and rows); prints the table."""
     import json

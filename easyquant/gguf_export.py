@@ -32,7 +32,7 @@ from .ggml_blocks import BLOCK, Q4_0, Q8_0, BlockType, block_type_for, to_blocks
 from .nn import QUANTIZED_TENSORS
 from .pipeline import RECORD
 from .qweight import QuantizedWeight
-from .source import open_safetensors_folder
+from .source import TensorRef, open_safetensors_folder
 from .st_io import _replace, _tmp
 
 # transformers model_type -> llama.cpp architecture (Mistral runs as llama in llama.cpp).
@@ -245,14 +245,15 @@ class Planned:
     make: Callable[[], np.ndarray]
 
 
-def _dense_type(t: torch.Tensor, kind: str) -> gguf.GGMLQuantizationType:
-    """The GGUF type of a tensor easyquant left in full precision (1-D: F32, as llama.cpp wants)."""
-    if t.dim() == 1 or kind == "f32":
+def _dense_type(ref: TensorRef, kind: str, load: Callable[[], torch.Tensor]) -> gguf.GGMLQuantizationType:
+    """The GGUF type of a tensor easyquant left in full precision (1-D: F32, as llama.cpp wants).
+    Only an F16 target from a wider dtype needs the data (``load``): values past fp16's range stay F32."""
+    if len(ref.shape) == 1 or kind == "f32":
         return gguf.GGMLQuantizationType.F32
-    if kind == "q8_0" and t.shape[-1] % BLOCK == 0:
+    if kind == "q8_0" and ref.shape[-1] % BLOCK == 0:
         return gguf.GGMLQuantizationType.Q8_0
-    if t.abs().max() > torch.finfo(torch.float16).max:
-        return gguf.GGMLQuantizationType.F32  # would overflow fp16
+    if ref.dtype != torch.float16 and load().abs().max() > torch.finfo(torch.float16).max:
+        return gguf.GGMLQuantizationType.F32
     return gguf.GGMLQuantizationType.F16
 
 
@@ -291,6 +292,7 @@ def plan_tensors(ckpt: Path, dense: str, kind: BlockType | None, report: ExportR
 
     source, qconfig, cfg, model, order = _checkpoint(ckpt)
     layout = Layout.of(cfg)
+    report.arch = layout.arch
     modules = dict(model.named_modules())
     quantized = {_model_name(model, m, modules): m for m in qconfig.modules}
     prefix = f"{model.base_model_prefix}."
@@ -331,7 +333,7 @@ def plan_tensors(ckpt: Path, dense: str, kind: BlockType | None, report: ExportR
             plan.append(Planned(name, (rows, row_bytes), np.dtype(np.uint8), rows * row_bytes, QTYPES[bk], make))
         else:
             shape = source.tensors[stored[key]].shape
-            qtype = _dense_type(load_dense(key, name), dense)
+            qtype = _dense_type(source.tensors[stored[key]], dense, partial(load_dense, key, name))
             report.dense[name] = qtype.name
             probe = _encode_dense(torch.zeros(shape), qtype)
             q = qtype if qtype == gguf.GGMLQuantizationType.Q8_0 else None
@@ -359,7 +361,6 @@ def export_gguf(
         raise EasyQuantError(f"{out} exists; pass --overwrite to replace it" if out.is_file() else f"{out} is a folder")
     report = ExportReport(out, "")
     cfg, plan = plan_tensors(ckpt, dense, kind, report)
-    report.arch = Layout.of(cfg).arch
     report.notes += _tokenizer_hint(ckpt) if tokenizer_from is None else []
     tmp = _tmp(out)
     writer = gguf.GGUFWriter(None, report.arch)

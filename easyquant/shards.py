@@ -84,7 +84,7 @@ def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     offsets = torch.tensor([0] + [p.outlier_count for p in parts]).cumsum(0)
     rowptr = torch.cat(
         [parts[0].outlier_rowptr.long()[:1]]
-        + [p.outlier_rowptr.long()[1:] + int(off) for p, off in zip(parts, offsets, strict=False)]
+        + [p.outlier_rowptr.long()[1:] + int(off) for p, off in zip(parts, offsets[:-1], strict=True)]
     )
     return QuantizedWeight(
         torch.cat([p.packed for p in parts]),
