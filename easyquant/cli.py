@@ -30,6 +30,11 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-orient", action="store_true", help="positive scales, as the paper (default: largest weight on qmin)"
     )
+    p.add_argument(
+        "--asymmetric",
+        action="store_true",
+        help="an fp16 zero per row or group beside the scale (solver search or rtn)",
+    )
 
 
 def _config(a: argparse.Namespace) -> QuantConfig:
@@ -43,6 +48,7 @@ def _config(a: argparse.Namespace) -> QuantConfig:
         lr=a.adam_lr,
         steps=a.adam_steps,
         orient=not a.no_orient,
+        asymmetric=a.asymmetric,
     )
 
 
@@ -192,10 +198,10 @@ def cmd_compare(a: argparse.Namespace) -> None:
 
 
 def cmd_export_gguf(a: argparse.Namespace) -> None:
-    from .ggml_blocks import Q4_0, Q8_0
+    from .ggml_blocks import Q4_0, Q4_1, Q8_0
     from .gguf_export import export_gguf
 
-    kind = {"auto": None, "q4_0": Q4_0, "q8_0": Q8_0}[a.type]
+    kind = {"auto": None, "q4_0": Q4_0, "q4_1": Q4_1, "q8_0": Q8_0}[a.type]
     report = export_gguf(
         a.ckpt, a.out, tokenizer_from=a.tokenizer_from, dense=a.dense, kind=kind, overwrite=a.overwrite
     )
@@ -236,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (with weights_only=True)")
     q.set_defaults(fn=cmd_quantize)
 
-    g = sub.add_parser("export-gguf", help="write an easyquant checkpoint as a GGUF file llama.cpp runs (Q4_0/Q8_0)")
+    g = sub.add_parser(
+        "export-gguf", help="write an easyquant checkpoint as a GGUF file llama.cpp runs (Q4_0/Q4_1/Q8_0)"
+    )
     g.add_argument("ckpt", help="easyquant checkpoint folder")
     g.add_argument("out", help="the .gguf file to write")
     g.add_argument(
@@ -250,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument(
         "--type",
         default="auto",
-        choices=["auto", "q4_0", "q8_0"],
-        help="block type of the quantized linears (auto: Q4_0 up to 4 bits, else Q8_0; q8_0 keeps outliers "
-        "within Q8_0's rounding at 8.5 bits/weight)",
+        choices=["auto", "q4_0", "q4_1", "q8_0"],
+        help="block type of the quantized linears (auto: Q4_0 up to 4 bits, Q4_1 for asymmetric weights, else "
+        "Q8_0; q8_0 keeps outliers within Q8_0's rounding at 8.5 bits/weight)",
     )
     g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     g.set_defaults(fn=cmd_export_gguf)

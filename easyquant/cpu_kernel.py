@@ -6,12 +6,13 @@ CPU kernel for exactly easyquant's 4-bit arithmetic (``aten._weight_int4pack_mm_
 unsigned codes, ``(code - 8) * scale + zero`` per group of 32 to 256 columns, bf16
 activations, fp32 accumulation), which reads the codes and unpacks them in registers. A
 signed code ``q`` of 4 bits or fewer is the kernel's ``q + 8`` with ``zero = 0``, exactly, so
-only the layout changes: :func:`repack` writes the codes once in the kernel's layout (4 bits
-each, also for 2- and 3-bit weights) and repeats each scale over the kernel's groups;
-outliers (code 8 in the dense part, so they add nothing there) are one fp32 sparse CSR
-matrix, multiplied by torch's sparse kernel (MKL) and added once. The kernel takes bf16
-scales: an fp16 scale rounds to bf16 (a relative change below 2^-8, as every weight's is when
-a dequantized weight is cast to bf16).
+only the layout changes (an asymmetric weight's ``s * u + z`` is the kernel's ``u`` with
+``zero = z + 8 s``, rounded to bf16): :func:`repack` writes the codes once in the kernel's
+layout (4 bits each, also for 2- and 3-bit weights) and repeats each scale over the kernel's
+groups; outliers, which add to the dense part, are one fp32 sparse CSR matrix, multiplied by
+torch's sparse kernel (MKL) and added once. The kernel takes bf16 scales: an fp16 scale
+rounds to bf16 (a relative change below 2^-8, as every weight's is when a dequantized weight
+is cast to bf16).
 """
 
 from __future__ import annotations
@@ -61,9 +62,14 @@ def repack(qw: QuantizedWeight) -> Int4Weight:
             f"the CPU int4 kernel cannot take a {qw.bits}-bit {qw.shape} weight in groups of {qw.group_size}"
         )
     cols = qw.shape[1]
-    codes = unpack(qw.packed, qw.bits, cols).to(torch.int32) + (8 + qw.grid.qmin)  # q + 8
     owner = torch.arange(0, cols, group) // qw.group_size  # the easyquant group of each kernel group
-    scales = qw.scales[:, owner].t().to(torch.bfloat16)
+    codes = unpack(qw.packed, qw.bits, cols).to(torch.int32)
+    scales = qw.scales[:, owner].t().float()
+    if qw.zeros is None:  # signed q is the kernel's q + 8 with zero 0
+        codes += 8 + qw.grid.qmin
+        zeros = torch.zeros_like(scales)
+    else:  # s * u + z is the kernel's (u - 8) * s + (z + 8 s)
+        zeros = qw.zeros[:, owner].t().float() + 8 * scales
     outliers = None
     if qw.outlier_count:
         index = torch.int32 if qw.outlier_count < 2**31 else torch.int64
@@ -74,7 +80,7 @@ def repack(qw: QuantizedWeight) -> Int4Weight:
     return Int4Weight(
         torch._convert_weight_to_int4pack_for_cpu(codes, 1),
         group,
-        torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous(),
+        torch.stack([scales, zeros], dim=-1).to(torch.bfloat16).contiguous(),
         outliers,
     )
 

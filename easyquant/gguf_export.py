@@ -28,8 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import EasyQuantError
-from .ggml_blocks import BLOCK, Q4_0, Q8_0, BlockType, block_type_for, to_blocks
-from .nn import QUANTIZED_TENSORS
+from .ggml_blocks import BLOCK, Q4_0, Q4_1, Q8_0, BlockType, block_type_for, to_blocks
+from .nn import tensor_names
 from .pipeline import RECORD
 from .qweight import QuantizedWeight
 from .source import TensorRef, open_safetensors_folder
@@ -39,7 +39,8 @@ from .st_io import _replace, _tmp
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2"}
 ROTARY_ROW_ORDER = ("llama",)  # llama.cpp's llama rope pairs rows differently: q/k rows are permuted
 ONE_PLUS_NORMS = ("gemma", "gemma2")  # norms stored as 1 + weight
-QTYPES = {Q4_0: gguf.GGMLQuantizationType.Q4_0, Q8_0: gguf.GGMLQuantizationType.Q8_0}
+QTYPES = {kind: gguf.GGMLQuantizationType[kind.name] for kind in (Q4_0, Q4_1, Q8_0)}
+FILE_TYPES = {kind.name: gguf.LlamaFileType[f"MOSTLY_{kind.name}"] for kind in QTYPES}
 DENSE_TYPES = ("f16", "f32", "q8_0")
 # llama.cpp's pre-tokenizer names, by the split regex of the tokenizer.json they come from.
 LLAMA3_SPLIT = (
@@ -299,10 +300,10 @@ def plan_tensors(ckpt: Path, dense: str, kind: BlockType | None, report: ExportR
     stored = {k if k in order else prefix + k: k for k in source.tensors}  # checkpoints may omit the prefix
 
     def blocks(module: str, name: str, bk: BlockType) -> np.ndarray:
-        t = {n: source.tensors[f"{quantized[module]}.{n}"].load() for n in QUANTIZED_TENSORS}
+        t = [source.tensors[f"{quantized[module]}.{n}"].load() for n in tensor_names(qconfig.asymmetric)]
         m = modules[module]
         shape = (m.out_features, m.in_features)
-        qw = QuantizedWeight(*t.values(), qconfig.bits, qconfig.group_size or shape[1], shape, torch.float16)
+        qw = QuantizedWeight(*t[:5], qconfig.bits, qconfig.group_size or shape[1], shape, torch.float16, *t[5:])
         qw.check(quantized[module])
         b = to_blocks(qw, bk)
         report.blocks += b.blocks
@@ -326,7 +327,7 @@ def plan_tensors(ckpt: Path, dense: str, kind: BlockType | None, report: ExportR
             rows, cols = modules[module].out_features, modules[module].in_features
             if cols % BLOCK:
                 raise EasyQuantError(f"{key}: {cols} input columns; llama.cpp blocks need a multiple of {BLOCK}")
-            bk = kind or block_type_for(qconfig.bits)
+            bk = kind or block_type_for(qconfig.bits, qconfig.asymmetric)
             report.quantized[name] = bk.name
             row_bytes = cols // BLOCK * bk.block_bytes
             make = partial(blocks, module, name, bk)
@@ -367,8 +368,8 @@ def export_gguf(
     try:
         writer.add_name(ckpt.resolve().name)
         writer.add_quantized_by("easyquant")
-        q4 = set(report.quantized.values()) <= {Q4_0.name}
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if q4 else gguf.LlamaFileType.MOSTLY_Q8_0)
+        kinds = set(report.quantized.values())
+        writer.add_file_type(FILE_TYPES[kinds.pop() if len(kinds) == 1 else Q8_0.name])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_hparams(writer, cfg, report.arch)
         report.tokenizer = (

@@ -6,6 +6,10 @@ every one of the 2^k codes is used, and it is the grid that int4 kernels and for
 negative level) is turned into a gain rather than a loss: each row's scale carries a sign,
 chosen so that the row's largest-magnitude weight falls on the longer, negative side
 (:func:`orient`). The paper prints [-7, 8], the mirror image of the same grid.
+
+The asymmetric option uses the unsigned grid ``[0, 2^k - 1]`` with a free offset per row
+(the value of code 0): ``w = scale * u + offset``. It spends a second fp16 number per row or
+group to fit rows whose kept weights are not centred on zero.
 """
 
 from __future__ import annotations
@@ -48,6 +52,19 @@ class Grid:
         """``Q[w] = scale * codes``: what the dequantized weight will be."""
         return scale * self.codes(w, scale)
 
+    @property
+    def top(self) -> int:
+        """The largest unsigned code, ``2^k - 1``."""
+        return (1 << self.bits) - 1
+
+    def affine_codes(self, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Unsigned codes ``clamp(round((w - offset) / scale), 0, 2^k - 1)`` of the asymmetric grid, as float."""
+        return torch.clamp(torch.round((w - offset) / scale), 0, self.top)
+
+    def affine_fake_quant(self, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """``scale * codes + offset``: the dequantized weight of the asymmetric grid."""
+        return scale * self.affine_codes(w, scale, offset) + offset
+
 
 def orient(w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Per row, +1 or -1 so that ``sign * w`` has its largest-magnitude kept weight negative.
@@ -76,3 +93,20 @@ def initial_scale(w: torch.Tensor, keep: torch.Tensor, grid: Grid) -> torch.Tens
 def to_fp16_grid(s: torch.Tensor) -> torch.Tensor:
     """Round positive scales to the fp16 values they will be stored as (never to zero)."""
     return s.clamp(FP16_TINY, FP16_MAX).half().float().clamp_min(FP16_TINY)
+
+
+def to_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Round offsets (any sign) to the fp16 values they will be stored as."""
+    return x.clamp(-FP16_MAX, FP16_MAX).half().float()
+
+
+def min_max(w: torch.Tensor, keep: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min-max start of the asymmetric grid: ``(scale, offset)`` per row spanning exactly the
+    kept weights. Rows with nothing to quantize, or one value, get scale 1 and offset 0 (that value)."""
+    big = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
+    lo = torch.where(keep, w, big).amin(dim=1)
+    hi = torch.where(keep, w, -big).amax(dim=1)
+    empty = ~keep.any(dim=1)
+    lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
+    s = (hi - lo) / grid.top
+    return torch.where(s > 0, s, torch.ones_like(s)).clamp_min(FP16_TINY), lo

@@ -28,7 +28,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import EasyQuantError
-from .nn import QUANTIZED_TENSORS, EasyQuantExperts, EasyQuantLinear
+from .nn import EasyQuantExperts, EasyQuantLinear, tensor_names
 from .pipeline import FORMAT_VERSION
 from .quantize import QuantConfig
 from .source import DTYPE_OF
@@ -93,7 +93,10 @@ class EasyQuantConfig(QuantizationConfigMixin):
                 raise EasyQuantError(f"quantization_config: {key} must be a list of patterns")
         self.quant_method = METHOD
         self.format_version = version
+        if settings.asymmetric and version < 2:
+            raise EasyQuantError("quantization_config: asymmetric weights need format_version 2 or later")
         self.bits, self.group_size, self.modules = settings.bits, settings.group_size, modules
+        self.asymmetric = settings.asymmetric
         self.settings = {k: kwargs[k] for k in (*SETTINGS, "skip", "include") if k in kwargs}
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,7 +148,9 @@ def replace_linears(model: nn.Module, qconfig: EasyQuantConfig, dtype: torch.dty
             raise EasyQuantError(
                 f"quantization_config: module {module!r} lists {outliers} outliers, more than its {rows}x{cols} weights"
             )
-        return EasyQuantLinear(cols, rows, bias, qconfig.bits, qconfig.group_size or cols, outliers, dtype, device)
+        return EasyQuantLinear(
+            cols, rows, bias, qconfig.bits, qconfig.group_size or cols, outliers, dtype, device, qconfig.asymmetric
+        )
 
     for module, info in qconfig.modules.items():
         name = _model_name(model, module, names)
@@ -209,7 +214,7 @@ def verify_files(model: nn.Module, qconfig: EasyQuantConfig, files: list[Path]) 
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = set()
     for module, lin in _quantized_layers(model, qconfig).items():
-        for t in (*QUANTIZED_TENSORS, "bias"):
+        for t in (*lin.tensor_names, "bias"):
             param = getattr(lin, t)
             if param is None:
                 continue
@@ -225,7 +230,7 @@ def verify_files(model: nn.Module, qconfig: EasyQuantConfig, files: list[Path]) 
                     f"{path}: tensor {key} is {dtype} {list(shape)}, expected "
                     f"{want or 'a float'} {list(param.shape)} for this module"
                 )
-    unlisted = sorted(k for k in headers if k.rsplit(".", 1)[-1] in QUANTIZED_TENSORS and k not in expected)
+    unlisted = sorted(k for k in headers if k.rsplit(".", 1)[-1] in tensor_names(True) and k not in expected)
     if unlisted:
         raise EasyQuantError(f"the checkpoint holds {unlisted[0]}, of a module its quantization_config does not list")
     for key, (path, dtype, shape) in headers.items():

@@ -1,8 +1,8 @@
 """Triton matmul of activations with a :class:`QuantizedWeight`: packed codes plus CSR outliers.
 
-``y = x @ W.T`` where ``W = scales * (codes + qmin)`` with the fp16 outliers written over it.
-Because outlier positions hold the code of 0 (see :mod:`easyquant.qweight`), the product
-splits exactly into a dense part and a sparse part:
+``y = x @ W.T`` where ``W = scales * (codes + qmin)`` (asymmetric weights:
+``scales * codes + zeros``) plus the fp16 outliers. Outliers add to the dense part (see
+:mod:`easyquant.qweight`), so the product splits exactly into a dense part and a sparse part:
 
 - dense: each program owns a ``(BLOCK_M, BLOCK_N)`` tile of ``y``, streams the packed codes
   of its ``BLOCK_N`` weight rows ``BLOCK_K`` columns at a time, unpacks them in registers
@@ -249,9 +249,10 @@ if triton is not None:
 
     @triton.jit
     def _qmatmul_kernel(
-        x_ptr, y_ptr, packed_ptr, scales_ptr, rowptr_ptr, cols_ptr, vals_ptr, bias_ptr,
+        x_ptr, y_ptr, packed_ptr, scales_ptr, zeros_ptr, rowptr_ptr, cols_ptr, vals_ptr, bias_ptr,
         M, N, K, stride_xm, stride_ym, row_stride, n_groups,
-        BITS: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+        BITS: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, HAS_ZEROS: tl.constexpr,
+        HAS_OUTLIERS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NNZ: tl.constexpr,
         SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr, WORDS: tl.constexpr,
@@ -274,9 +275,15 @@ if triton is not None:
             k_mask = rk < K
             x = tl.load(x_rows + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             codes = _unpack_tile(packed_ptr, row_stride, rn, k0, n_mask, BITS, BLOCK_K, WORDS)
-            q = (codes + qmin).to(tl.float32)
-            if not PER_ROW:
-                q = q * _group_scales(scales_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K)
+            if HAS_ZEROS:
+                q = codes.to(tl.float32) * _group_scales(
+                    scales_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K
+                )
+                q += _group_scales(zeros_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K)
+            else:
+                q = (codes + qmin).to(tl.float32)
+                if not PER_ROW:
+                    q = q * _group_scales(scales_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K)
             w = q.to(x.dtype)
             if BLOCK_M == 1:
                 partial += x.to(tl.float32) * w.to(tl.float32)
@@ -345,8 +352,9 @@ if triton is not None:
 
     @triton.jit
     def _dequantize_kernel(
-        w_ptr, packed_ptr, scales_ptr, N, K, row_stride, n_groups,
-        BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr,
+        w_ptr, packed_ptr, scales_ptr, zeros_ptr, N, K, row_stride, n_groups,
+        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr,
     ):  # fmt: skip
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k0 = tl.program_id(1) * BLOCK_K
@@ -355,7 +363,12 @@ if triton is not None:
         mask = n_mask[:, None] & k_mask[None, :]
         codes = _unpack_tile(packed_ptr, row_stride, rn, k0, n_mask, BITS, BLOCK_K, WORDS)
         s = _group_scales(scales_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K)
-        w = (codes - (1 << (BITS - 1))).to(tl.float32) * s
+        if HAS_ZEROS:
+            w = codes.to(tl.float32) * s + _group_scales(
+                zeros_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K
+            )
+        else:
+            w = (codes - (1 << (BITS - 1))).to(tl.float32) * s
         tl.store(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
@@ -397,6 +410,11 @@ def _packed_rows(qw: QuantizedWeight, block_k: int) -> tuple[torch.Tensor, int, 
     return qw.packed, row_bytes, False
 
 
+def _zeros(qw: QuantizedWeight) -> torch.Tensor:
+    """The zeros argument of the kernels: the scales stand in (unread) for a symmetric weight."""
+    return qw.scales if qw.zeros is None else qw.zeros
+
+
 def plan_dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, Launch]:
     """The output buffer of :func:`dequantize` and the launch that fills its dense part."""
     n, k = qw.shape
@@ -405,8 +423,9 @@ def plan_dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tens
     packed, row_stride, words = _packed_rows(qw, block_k)
     launch = Launch(
         _dequantize_kernel, (_cdiv(n, block_n), _cdiv(k, block_k)),
-        (w, packed, qw.scales, n, k, row_stride, qw.scales.shape[1]),
-        dict(BITS=qw.bits, GROUP=qw.group_size, BLOCK_N=block_n, BLOCK_K=block_k, WORDS=words),
+        (w, packed, qw.scales, _zeros(qw), n, k, row_stride, qw.scales.shape[1]),
+        dict(BITS=qw.bits, GROUP=qw.group_size, HAS_ZEROS=qw.asymmetric, BLOCK_N=block_n, BLOCK_K=block_k,
+             WORDS=words),
     )  # fmt: skip
     return w, launch
 
@@ -417,7 +436,7 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     w, launch = plan_dequantize(qw, dtype)
     _check_available(w)
     launch()
-    return qw.write_outliers(w)
+    return qw.add_outliers(w)
 
 
 def plan_qmatmul(
@@ -455,11 +474,11 @@ def plan_qmatmul(
     packed, row_stride, words = _packed_rows(qw, cfg.block_k)
     launches = [Launch(
         _qmatmul_kernel, (_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n), cfg.split_k),
-        (x2, y, packed, qw.scales, qw.outlier_rowptr, qw.outlier_cols, qw.outlier_values,
+        (x2, y, packed, qw.scales, _zeros(qw), qw.outlier_rowptr, qw.outlier_cols, qw.outlier_values,
          x2 if bias is None else bias.contiguous(),
          m, n, k, x2.stride(0), y.stride(0), row_stride, qw.scales.shape[1]),
-        dict(BITS=qw.bits, GROUP=qw.group_size, PER_ROW=qw.scales.shape[1] == 1,
-             HAS_OUTLIERS=qw.outlier_count > 0 and not balanced,
+        dict(BITS=qw.bits, GROUP=qw.group_size, PER_ROW=qw.scales.shape[1] == 1 and not qw.asymmetric,
+             HAS_ZEROS=qw.asymmetric, HAS_OUTLIERS=qw.outlier_count > 0 and not balanced,
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_NNZ=cfg.block_nnz,
              SPLIT_K=cfg.split_k, ATOMIC=atomic,
              PRECISION="ieee" if x.dtype == torch.float32 or interpreted_bf16 else "tf32",

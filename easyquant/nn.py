@@ -35,6 +35,11 @@ KERNEL_MAX_ROWS = 128
 CPU_INT4_MAX_ROWS = 128
 
 
+def tensor_names(asymmetric: bool) -> tuple[str, ...]:
+    """The quantized tensors of a module, in :class:`QuantizedWeight`'s order: ``zeros`` last, if asymmetric."""
+    return (*QUANTIZED_TENSORS, "zeros") if asymmetric else QUANTIZED_TENSORS
+
+
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
@@ -52,8 +57,10 @@ class EasyQuantLinear(nn.Module):
         outliers: int,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        asymmetric: bool = False,
     ):
         super().__init__()
+        self.asymmetric = asymmetric
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.dtype = bits, min(group_size, in_features), dtype
         self._view: tuple[tuple[nn.Parameter, ...], QuantizedWeight] | None = None  # see quantized_weight()
@@ -67,6 +74,7 @@ class EasyQuantLinear(nn.Module):
         self.outlier_rowptr = _frozen(torch.zeros(out_features + 1, dtype=rowptr_dtype(outliers), **kw))
         self.outlier_cols = _frozen(torch.zeros(outliers, dtype=index_dtype(in_features), **kw))
         self.outlier_values = _frozen(torch.zeros(outliers, dtype=torch.float16, **kw))
+        self.zeros = _frozen(torch.zeros_like(self.scales)) if asymmetric else None
         self.bias = _frozen(torch.zeros(out_features, dtype=dtype, **kw)) if bias else None
         self.register_load_state_dict_pre_hook(EasyQuantLinear._check_incoming)
 
@@ -74,7 +82,7 @@ class EasyQuantLinear(nn.Module):
         """``load_state_dict`` gate: the incoming quantized tensors must have this module's
         shapes and dtypes (``copy_`` would cast them silently) and pass
         :meth:`QuantizedWeight.check`, before they replace anything."""
-        incoming = {n: state_dict.get(prefix + n) for n in QUANTIZED_TENSORS}
+        incoming = {n: state_dict.get(prefix + n) for n in self.tensor_names}
         if any(t is None for t in incoming.values()):
             return  # torch reports missing keys itself
         name = prefix.rstrip(".") or "EasyQuantLinear"
@@ -83,8 +91,7 @@ class EasyQuantLinear(nn.Module):
             if not isinstance(t, torch.Tensor) or t.dtype != own.dtype or t.shape != own.shape:
                 got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
                 raise EasyQuantError(f"{name}.{n}: got {got}, expected {own.dtype} {list(own.shape)}")
-        shape = (self.out_features, self.in_features)
-        QuantizedWeight(*incoming.values(), self.bits, self.group_size, shape, self.dtype).check(name)
+        self._weight(tuple(incoming.values())).check(name)
 
     @classmethod
     def from_quantized(
@@ -93,7 +100,17 @@ class EasyQuantLinear(nn.Module):
         """A module holding ``qw`` (checked first, as every way in is)."""
         qw.check(name)
         rows, cols = qw.shape
-        mod = cls(cols, rows, bias is not None, qw.bits, qw.group_size, qw.outlier_count, qw.dtype, qw.packed.device)
+        mod = cls(
+            cols,
+            rows,
+            bias is not None,
+            qw.bits,
+            qw.group_size,
+            qw.outlier_count,
+            qw.dtype,
+            qw.packed.device,
+            qw.asymmetric,
+        )
         for name, t in qw.tensors().items():
             getattr(mod, name).data = t
         if bias is not None:
@@ -104,16 +121,23 @@ class EasyQuantLinear(nn.Module):
         """The module's parameters viewed as a :class:`QuantizedWeight`. Built once and kept while
         the parameter objects stay (``.to()`` and ``load_state_dict`` change their data in place):
         decode calls every linear once per token, so this sits on the GPU path's CPU time."""
-        params = tuple(self._parameters[name] for name in QUANTIZED_TENSORS)
+        params = tuple(self._parameters[name] for name in self.tensor_names)
         if self._view is None or any(a is not b for a, b in zip(self._view[0], params, strict=True)):
-            qw = QuantizedWeight(*params, self.bits, self.group_size, (self.out_features, self.in_features), self.dtype)
-            self._view = (params, qw)
+            self._view = (params, self._weight(params))
         return self._view[1]
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        return tensor_names(self.asymmetric)
+
+    def _weight(self, tensors: tuple[torch.Tensor, ...]) -> QuantizedWeight:
+        shape = (self.out_features, self.in_features)
+        return QuantizedWeight(*tensors[:5], self.bits, self.group_size, shape, self.dtype, *tensors[5:])
 
     def int4_weight(self) -> cpu_kernel.Int4Weight:
         """The weight in the CPU int4 kernel's layout, made on first use and again whenever a
         quantized tensor changes (a new tensor, or an in-place write such as ``load_state_dict``)."""
-        key = tuple((t.data_ptr(), t._version) for t in map(self._parameters.__getitem__, QUANTIZED_TENSORS))
+        key = tuple((t.data_ptr(), t._version) for t in map(self._parameters.__getitem__, self.tensor_names))
         if self._int4 is None or self._int4[0] != key:
             self._int4 = (key, cpu_kernel.repack(self.quantized_weight()))
         return self._int4[1]
@@ -122,7 +146,7 @@ class EasyQuantLinear(nn.Module):
         """``.to()``, ``.half()``, ``.cuda()``: the quantized tensors move but keep their dtypes
         (a cast would round the fp16 scales and outliers, and leave a checkpoint off-format);
         a dtype change sets the compute dtype and the bias's. The CPU int4 copy is dropped."""
-        quantized = {id(self._parameters[name]) for name in QUANTIZED_TENSORS}
+        quantized = {id(self._parameters[name]) for name in self.tensor_names}
 
         def move_only(t: torch.Tensor) -> torch.Tensor:
             out = fn(t)
@@ -151,7 +175,7 @@ class EasyQuantLinear(nn.Module):
         if path == "int4":
             return cpu_kernel.matmul(x, self.int4_weight(), self.bias)
         if path != "torch" and torch.compiler.is_compiling():  # one opaque op for torch.compile
-            tensors = [self._parameters[name] for name in QUANTIZED_TENSORS]
+            tensors = [self._parameters[name] for name in QUANTIZED_TENSORS] + [self.zeros]
             if path == "fused":
                 return ops.qmatmul(x, *tensors, self.bias, self.bits, self.group_size, self.out_features)
             w = ops.dequantize(*tensors, self.bits, self.group_size, self.in_features, x.dtype)
@@ -166,6 +190,7 @@ class EasyQuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, outliers={self.outlier_values.numel()}, bias={self.bias is not None}"
+            + (", asymmetric=True" if self.asymmetric else "")
         )
 
 

@@ -39,7 +39,16 @@ class Objective:
 
     def loss(self, w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, grid: Grid) -> torch.Tensor:
         """Per-row loss at per-row scales ``s`` (shape ``(rows,)``)."""
-        e = grid.fake_quant(w, s[:, None]) - w
+        return self.weighted(grid.fake_quant(w, s[:, None]) - w, c)
+
+    def affine_loss(
+        self, w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, m: torch.Tensor, grid: Grid
+    ) -> torch.Tensor:
+        """Per-row loss of the asymmetric grid at scales ``s`` and offsets ``m`` (each ``(rows,)``)."""
+        return self.weighted(grid.affine_fake_quant(w, s[:, None], m[:, None]) - w, c)
+
+    def weighted(self, e: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``sum_j c_j |e_j|^p`` per row."""
         return (c * self.error_cost(e)).sum(dim=1)
 
     def grad(self, w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, grid: Grid) -> torch.Tensor:

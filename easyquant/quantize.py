@@ -11,10 +11,11 @@ import torch
 from .errors import EasyQuantError
 from .grid import FP16_MAX, Grid, initial_scale, orient
 from .groups import from_groups, to_groups
+from .objective import Objective
 from .outliers import Scope, sigma_mask
 from .packing import pack
 from .qweight import QuantizedWeight, csr_from_mask
-from .solvers import SOLVERS, RangeSolver, make_solver
+from .solvers import SOLVERS, AffineSearch, RangeSolver, make_solver
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Above this share of outliers the sparse part is no longer sparse: it costs more than it saves.
@@ -23,6 +24,7 @@ WARN_OUTLIER_FRACTION = 0.05
 # in cache across a solver's many passes (4x faster than whole 16M-weight matrices on 2 cores),
 # large enough on a GPU to fill it.
 CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
+AFFINE_SOLVERS = ("search", "rtn")
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,10 @@ class QuantConfig:
     large share of the weights into fp16 outliers. ``lr`` and ``steps`` set the ``paper``
     solver's Adam (default: the paper's BLOOM setting, 1e-3 and 100; its LLaMA setting is 1e-4
     and 500). ``orient=False`` gives every row a positive scale, as the paper does, instead of
-    putting each row's largest weight on the grid's longer side.
+    putting each row's largest weight on the grid's longer side. ``asymmetric=True`` adds an
+    fp16 offset per row or group (the unsigned grid, ``w = scale * u + offset``); its ranges
+    come from :class:`~easyquant.solvers.AffineSearch` (``solver="search"``) or min-max
+    (``solver="rtn"``).
     """
 
     bits: int = 4
@@ -48,6 +53,7 @@ class QuantConfig:
     lr: float | None = None
     steps: int | None = None
     orient: bool = True
+    asymmetric: bool = False
 
     def __post_init__(self) -> None:
         Grid(self.bits)
@@ -65,8 +71,17 @@ class QuantConfig:
             raise EasyQuantError(f"lr must be a positive number, got {self.lr!r}")
         if self.steps is not None and (type(self.steps) is not int or self.steps < 1):
             raise EasyQuantError(f"steps must be a positive integer, got {self.steps!r}")
-        if not isinstance(self.orient, bool):
-            raise EasyQuantError(f"orient must be true or false, got {self.orient!r}")
+        for key in ("orient", "asymmetric"):
+            if not isinstance(getattr(self, key), bool):
+                raise EasyQuantError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if self.asymmetric and self.solver not in AFFINE_SOLVERS:
+            raise EasyQuantError(
+                f"asymmetric ranges are solved by {' or '.join(AFFINE_SOLVERS)}, not solver {self.solver!r}"
+            )
+
+    def make_affine_solver(self) -> AffineSearch:
+        objective = {"objective": Objective(p=self.p)} if self.p is not None else {}
+        return AffineSearch(coarse=0) if self.solver == "rtn" else AffineSearch(**objective)
 
     def make_solver(self) -> RangeSolver:
         options = {k: v for k, v in (("lr", self.lr), ("steps", self.steps)) if v is not None}
@@ -146,26 +161,20 @@ def quantize_weight(
             )
         c = c * col_weight.to(c)
     wg, cg = to_groups(x, gs), to_groups(c, gs)
-    keep = cg > 0
-    sign = orient(wg, keep) if config.orient else torch.ones(wg.shape[0], dtype=wg.dtype, device=wg.device)
-    wg = wg * sign[:, None]
-    solver = config.make_solver()
-    step = max(1, CHUNK_ELEMENTS.get(w.device.type, 1 << 20) // gs)
-    s = torch.cat(
-        [
-            solver.solve(
-                wg[i : i + step], cg[i : i + step], initial_scale(wg[i : i + step], keep[i : i + step], grid), grid
-            )
-            for i in range(0, wg.shape[0], step)
-        ]
-    )
-    scales = (s * sign).to(torch.float16)
-    codes = grid.codes(wg, s[:, None])
-    codes = from_groups(codes, rows, cols).masked_fill(mask, 0)
-    rowptr, col_idx, values = csr_from_mask(mask, x)
+    solve = _solve_affine if config.asymmetric else _solve_symmetric
+    codes, scales, zeros = solve(wg, cg, config, grid, CHUNK_ELEMENTS.get(w.device.type, 1 << 20) // gs)
+    codes, scales = from_groups(codes, rows, cols), scales.reshape(rows, -1)
+    zeros = None if zeros is None else zeros.reshape(rows, -1)
+    # Outliers add to the dense part. The symmetric grid stores the code of 0 there, so an
+    # outlier's value is the weight itself; the asymmetric grid's nearest code leaves a residual.
+    if zeros is None:
+        codes, rest = codes.masked_fill(mask, -grid.qmin), x
+    else:
+        rest = x - _expand(scales, gs, cols) * codes - _expand(zeros, gs, cols)
+    rowptr, col_idx, values = csr_from_mask(mask, rest)
     return QuantizedWeight(
-        packed=pack((codes - grid.qmin).to(torch.uint8), config.bits),
-        scales=scales.reshape(rows, -1),
+        packed=pack(codes.to(torch.uint8), config.bits),
+        scales=scales,
         outlier_rowptr=rowptr,
         outlier_cols=col_idx,
         outlier_values=values,
@@ -173,4 +182,44 @@ def quantize_weight(
         group_size=gs,
         shape=(rows, cols),
         dtype=w.dtype,
+        zeros=zeros,
     )
+
+
+def _chunks(n: int, step: int) -> range:
+    return range(0, n, max(1, step))
+
+
+def _solve_symmetric(
+    wg: torch.Tensor, cg: torch.Tensor, config: QuantConfig, grid: Grid, step: int
+) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """Unsigned codes ``q - qmin`` and signed fp16 scales of grouped rows."""
+    keep = cg > 0
+    sign = orient(wg, keep) if config.orient else torch.ones(wg.shape[0], dtype=wg.dtype, device=wg.device)
+    wg = wg * sign[:, None]
+    solver = config.make_solver()
+    s = torch.cat(
+        [
+            solver.solve(
+                wg[i : i + step], cg[i : i + step], initial_scale(wg[i : i + step], keep[i : i + step], grid), grid
+            )
+            for i in _chunks(wg.shape[0], step)
+        ]
+    )
+    codes = grid.codes(wg, s[:, None]) - grid.qmin
+    return codes, (s * sign).to(torch.float16), None
+
+
+def _solve_affine(
+    wg: torch.Tensor, cg: torch.Tensor, config: QuantConfig, grid: Grid, step: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unsigned codes, fp16 scales and fp16 offsets of grouped rows on the asymmetric grid."""
+    solver = config.make_affine_solver()
+    parts = [solver.solve(wg[i : i + step], cg[i : i + step], grid) for i in _chunks(wg.shape[0], step)]
+    s, m = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return grid.affine_codes(wg, s[:, None], m[:, None]), s.to(torch.float16), m.to(torch.float16)
+
+
+def _expand(t: torch.Tensor, gs: int, cols: int) -> torch.Tensor:
+    """Per-group values ``(rows, groups)`` repeated over their columns, in fp32."""
+    return t.float().repeat_interleave(gs, dim=1)[:, :cols]

@@ -7,13 +7,16 @@ Memory layout of a ``(rows, cols)`` weight quantized at ``bits`` with groups of
   every weight, packed as :mod:`easyquant.packing` describes. Outlier positions hold the
   code of 0, so the dense part contributes nothing there.
 - ``scales``: fp16 ``(rows, ceil(cols / group_size))``; the sign is part of the scale.
+- ``zeros`` (asymmetric weights only, format 2): fp16, the scales' shape: the value of code 0.
 - outliers in CSR: ``outlier_rowptr`` int32 (int64 past 2^31 outliers) ``(rows + 1,)``,
   ``outlier_cols`` in the narrowest type holding a column index (uint8 up to 256 columns,
   int16 up to 32768, else int32) ``(nnz,)``, ascending within a row, and
   ``outlier_values`` fp16 ``(nnz,)``.
 
-The weight it stands for is ``scales[r, j // group_size] * (packed code + qmin)`` with the
-outliers written over it: :meth:`QuantizedWeight.dequantize`.
+The weight it stands for is ``scales[r, j // group_size] * (packed code + qmin)``, or
+``scales * packed code + zeros`` for an asymmetric weight, plus the outliers:
+:meth:`QuantizedWeight.dequantize`. Outliers add to the dense part; a symmetric weight holds
+the code of 0 at every outlier, so there its stored value is the weight itself.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class QuantizedWeight:
     group_size: int
     shape: tuple[int, int]
     dtype: torch.dtype
+    zeros: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         rows, cols = self.shape
@@ -70,6 +74,8 @@ class QuantizedWeight:
             "outlier_rowptr": (rows + 1,),
             "outlier_values": tuple(self.outlier_cols.shape),
         }
+        if self.zeros is not None:
+            expect["zeros"] = expect["scales"]
         for name, shape in expect.items():
             if tuple(getattr(self, name).shape) != shape:
                 raise EasyQuantError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
@@ -85,12 +91,13 @@ class QuantizedWeight:
             "outlier_rowptr": (torch.int32, torch.int64),
             "outlier_cols": (torch.uint8, torch.int16, torch.int32),
             "outlier_values": (torch.float16,),
+            "zeros": (torch.float16,),
         }
-        for field, allowed in dtypes.items():
-            if getattr(self, field).dtype not in allowed:
-                raise EasyQuantError(f"{name}.{field} is {getattr(self, field).dtype}, expected {allowed[0]}")
-        for field in ("scales", "outlier_values"):
-            if not bool(torch.isfinite(getattr(self, field)).all()):
+        for field, t in self.tensors().items():
+            if t.dtype not in dtypes[field]:
+                raise EasyQuantError(f"{name}.{field} is {t.dtype}, expected {dtypes[field][0]}")
+        for field in ("scales", "outlier_values", "zeros"):
+            if field in self.tensors() and not bool(torch.isfinite(getattr(self, field)).all()):
                 raise EasyQuantError(f"{name}.{field} holds NaN or Inf")
         ptr, idx, cols = self.outlier_rowptr.long(), self.outlier_cols.long(), self.shape[1]
         if ptr[0] != 0 or ptr[-1] != idx.numel() or bool((ptr.diff() < 0).any()):
@@ -122,22 +129,38 @@ class QuantizedWeight:
         return 8 * self.nbytes / (self.shape[0] * self.shape[1])
 
     def codes(self) -> torch.Tensor:
-        """Signed integer codes ``(rows, cols)`` as int8 (0 at outliers)."""
-        return unpack(self.packed, self.bits, self.shape[1]).to(torch.int8) + self.grid.qmin
+        """Integer codes ``(rows, cols)`` on the weight's grid: signed int8 (0 at outliers) for a
+        symmetric weight, unsigned uint8 for an asymmetric one."""
+        codes = unpack(self.packed, self.bits, self.shape[1])
+        return codes if self.asymmetric else codes.to(torch.int8) + self.grid.qmin
+
+    @property
+    def asymmetric(self) -> bool:
+        return self.zeros is not None
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        rows, cols = self.shape
-        w = unpack(self.packed, self.bits, cols).float().add_(self.grid.qmin)  # in place: one full-size buffer
-        if cols % self.group_size == 0:  # a broadcast, no repeated scales
-            w.view(rows, -1, self.group_size).mul_(self.scales.float()[:, :, None])
-        else:
-            w.mul_(self.scales.float().repeat_interleave(self.group_size, dim=1)[:, :cols])
-        return self.write_outliers(w).to(dtype or self.dtype)
+        w = unpack(self.packed, self.bits, self.shape[1]).float()  # changed in place: one full-size buffer
+        if not self.asymmetric:
+            w.add_(self.grid.qmin)
+        self._per_group(w, self.scales, torch.Tensor.mul_)
+        if self.asymmetric:
+            self._per_group(w, self.zeros, torch.Tensor.add_)
+        return self.add_outliers(w).to(dtype or self.dtype)
 
-    def write_outliers(self, w: torch.Tensor) -> torch.Tensor:
-        """Write the outliers over the dense ``(rows, cols)`` weight ``w`` in place; returns ``w``."""
+    def _per_group(self, w: torch.Tensor, t: torch.Tensor, op) -> None:
+        """``op(w, t)`` in place with the per-group ``t`` spread over the group's columns."""
+        rows, cols = self.shape
+        if cols % self.group_size == 0:  # a broadcast, no repeated values
+            op(w.view(rows, -1, self.group_size), t.float()[:, :, None])
+        else:
+            op(w, t.float().repeat_interleave(self.group_size, dim=1)[:, :cols])
+
+    def add_outliers(self, w: torch.Tensor) -> torch.Tensor:
+        """Add the outliers to the dense ``(rows, cols)`` weight ``w`` in place; returns ``w``."""
         if self.outlier_count:
-            w[self.outlier_rows(), self.outlier_cols.long()] = self.outlier_values.to(w.dtype)
+            w.index_put_(
+                (self.outlier_rows(), self.outlier_cols.long()), self.outlier_values.to(w.dtype), accumulate=True
+            )
         return w
 
     def outlier_rows(self) -> torch.Tensor:

@@ -40,6 +40,7 @@ def take_rows(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
         qw.group_size,
         (stop - start, cols),
         qw.dtype,
+        None if qw.zeros is None else qw.zeros[start:stop],
     )
 
 
@@ -56,9 +57,10 @@ def take_cols(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
     codes = unpack(qw.packed, qw.bits, cols)[:, start:stop]
     width = stop - start
     if per_channel:
-        scales, group = qw.scales, width
+        scales, zeros, group = qw.scales, qw.zeros, width
     else:
-        scales, group = qw.scales[:, start // qw.group_size : -(-stop // qw.group_size)], qw.group_size
+        span = slice(start // qw.group_size, -(-stop // qw.group_size))
+        scales, zeros, group = qw.scales[:, span], None if qw.zeros is None else qw.zeros[:, span], qw.group_size
     r, c = qw.outlier_rows(), qw.outlier_cols.long()
     keep = (c >= start) & (c < stop)
     counts = torch.bincount(r[keep], minlength=rows)
@@ -66,7 +68,7 @@ def take_cols(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
     col_idx, vals = (c[keep] - start).to(index_dtype(width)), qw.outlier_values[keep]
     return QuantizedWeight(
         pack(codes, qw.bits), scales.contiguous(), rowptr, col_idx, vals, qw.bits, min(group, width), (rows, width),
-        qw.dtype,
+        qw.dtype, None if zeros is None else zeros.contiguous(),
     )  # fmt: skip
 
 
@@ -74,11 +76,13 @@ def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     first = parts[0]
     cols = first.shape[1]
     for p in parts:
-        if (p.shape[1], p.bits, p.group_size, p.scales.shape[1]) != (cols, first.bits, first.group_size,
-                                                                    first.scales.shape[1]):  # fmt: skip
+        if (p.shape[1], p.bits, p.group_size, p.scales.shape[1], p.asymmetric) != (
+            cols, first.bits, first.group_size, first.scales.shape[1], first.asymmetric
+        ):  # fmt: skip
             raise EasyQuantError(
-                f"cannot stack a {p.shape} weight at {p.bits} bits, groups of {p.group_size} under a {first.shape} "
-                f"one at {first.bits} bits, groups of {first.group_size}"
+                f"cannot stack a {p.shape} weight at {p.bits} bits, groups of {p.group_size}"
+                f"{', asymmetric' * p.asymmetric} under a {first.shape} one at {first.bits} bits, groups of "
+                f"{first.group_size}{', asymmetric' * first.asymmetric}"
             )
     nnz = sum(p.outlier_count for p in parts)
     offsets = torch.tensor([0] + [p.outlier_count for p in parts]).cumsum(0)
@@ -96,4 +100,5 @@ def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
         first.group_size,
         (sum(p.shape[0] for p in parts), cols),
         first.dtype,
+        torch.cat([p.zeros for p in parts]) if first.asymmetric else None,
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .grid import FP16_TINY, Grid, to_fp16_grid
+from .grid import FP16_TINY, Grid, min_max, to_fp16, to_fp16_grid
 from .objective import Objective
 
 
@@ -36,21 +36,30 @@ class MaxAbs(RangeSolver):
 
 
 class _Best:
-    """The best scale seen so far per row; a candidate replaces it only if strictly better."""
+    """The best parameters seen so far per row (a scale, or a scale and an offset, each rounded
+    to what will be stored); a candidate replaces them only where it is strictly better."""
 
-    def __init__(self, w: torch.Tensor, c: torch.Tensor, grid: Grid, objective: Objective, s: torch.Tensor):
-        self._loss = lambda s: objective.loss(w, c, s, grid)
-        self.s = to_fp16_grid(s)
-        self.loss = self._loss(self.s)
+    def __init__(self, loss: Callable[..., torch.Tensor], round_: Callable[..., tuple], *params: torch.Tensor):
+        self._loss, self._round = loss, round_
+        self.params = round_(*params)
+        self.loss = loss(*self.params)
 
-    def consider(self, s: torch.Tensor) -> torch.Tensor:
-        """Keep ``s`` where it beats the best so far; return its loss."""
-        s = to_fp16_grid(s)
-        loss = self._loss(s)
+    @property
+    def s(self) -> torch.Tensor:
+        return self.params[0]
+
+    def consider(self, *params: torch.Tensor) -> torch.Tensor:
+        """Keep ``params`` where they beat the best so far; return their loss."""
+        params = self._round(*params)
+        loss = self._loss(*params)
         better = loss < self.loss
-        self.s = torch.where(better, s, self.s)
+        self.params = tuple(torch.where(better, new, old) for new, old in zip(params, self.params, strict=True))
         self.loss = torch.where(better, loss, self.loss)
         return loss
+
+
+def _scale_best(w: torch.Tensor, c: torch.Tensor, grid: Grid, objective: Objective, s: torch.Tensor) -> _Best:
+    return _Best(lambda s: objective.loss(w, c, s, grid), lambda s: (to_fp16_grid(s),), s)
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,7 @@ class GridSearch(RangeSolver):
     max_shrink: float = 0.8
 
     def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
-        best = _Best(w, c, grid, self.objective, s0)
+        best = _scale_best(w, c, grid, self.objective, s0)
         for i in range(1, int(self.max_shrink * self.steps)):
             best.consider(s0 * (1 - i / self.steps))
         return best.s
@@ -119,7 +128,7 @@ class Search(RangeSolver):
     refine: int = 4
 
     def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
-        best = _Best(w, c, grid, self.objective, s0)
+        best = _scale_best(w, c, grid, self.objective, s0)
         shrinks = torch.linspace(self.min_shrink, 1, self.coarse, dtype=s0.dtype, device=s0.device)
         coarse = torch.stack([best.consider(s0 * t) for t in shrinks])
         step = (1 - self.min_shrink) / max(self.coarse - 1, 1)
@@ -142,6 +151,68 @@ class Search(RangeSolver):
         num = (c * w * q).sum(dim=1)
         den = (c * q * q).sum(dim=1)
         return torch.where(den > 0, num / den.clamp_min(1e-30), s).clamp_min(FP16_TINY)
+
+
+@dataclass(frozen=True)
+class AffineSearch:
+    """Scale and offset per row for the asymmetric grid (``w = s * u + m``, ``u`` in
+    ``[0, 2^k - 1]``): a scan of ranges shrunk about the kept weights' midpoint, a finer scan
+    around the best basins, then alternating steps that re-round the codes and solve the
+    (reweighted) least-squares line through them exactly, which moves each end of the range
+    on its own. ``coarse=0`` is the min-max baseline. Like :class:`Search`, every candidate is
+    judged at its stored fp16 values and kept only if it lowers the loss.
+    """
+
+    objective: Objective = field(default_factory=lambda: Objective(p=3.0))
+    coarse: int = 20
+    min_shrink: float = 0.3
+    basins: int = 2
+    fine: int = 6
+    refine: int = 6
+
+    def solve(self, w: torch.Tensor, c: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scales, offsets)``, each ``(rows,)``, for rows ``w`` with importances ``c``."""
+        s0, lo = min_max(w, c > 0, grid)
+        best = _Best(
+            lambda s, m: self.objective.affine_loss(w, c, s, m, grid),
+            lambda s, m: (to_fp16_grid(s), to_fp16(m)),
+            s0,
+            lo,
+        )
+        if self.coarse == 0:
+            return best.params
+        mid = lo + s0 * grid.top / 2
+
+        def shrunk(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return s0 * t, mid - s0 * t * grid.top / 2
+
+        shrinks = torch.linspace(self.min_shrink, 1, self.coarse, dtype=s0.dtype, device=s0.device)
+        coarse = torch.stack([best.consider(*shrunk(t)) for t in shrinks])
+        step = (1 - self.min_shrink) / max(self.coarse - 1, 1)
+        centres = shrinks[coarse.topk(min(self.basins, self.coarse), dim=0, largest=False).indices]
+        for centre in centres:
+            for u in torch.linspace(-step, step, self.fine + 2)[1:-1].tolist():
+                best.consider(*shrunk(centre + u))
+        for _ in range(self.refine):
+            best.consider(*self._least_squares(w, c, *best.params, grid))
+        return best.params
+
+    def _least_squares(
+        self, w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, m: torch.Tensor, grid: Grid
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """With the codes held fixed, the ``(s, m)`` minimising the (reweighted) squared error."""
+        u = grid.affine_codes(w, s[:, None], m[:, None])
+        if self.objective.p != 2:
+            e = (s[:, None] * u + m[:, None] - w).abs()
+            c = c * e.clamp_min(1e-12 * s[:, None]).pow(self.objective.p - 2)
+        a, b, n = (c * u * u).sum(1), (c * u).sum(1), c.sum(1)
+        d, e = (c * u * w).sum(1), (c * w).sum(1)
+        det = a * n - b * b
+        ok = det > 1e-12 * (a * n).clamp_min(1e-30)
+        s_new = (n * d - b * e) / torch.where(ok, det, 1.0)
+        m_new = (a * e - b * d) / torch.where(ok, det, 1.0)
+        ok &= s_new > 0
+        return torch.where(ok, s_new, s), torch.where(ok, m_new, m)
 
 
 SOLVERS: dict[str, type[RangeSolver]] = {

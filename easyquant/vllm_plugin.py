@@ -3,16 +3,17 @@
 whose ``quantization_config.quant_method`` is ``easyquant`` selects it with no flag, so
 ``vllm serve OUT`` and ``LLM(model=OUT)`` just work.
 
-Loading: each quantized linear gets the checkpoint's five tensors (packed codes, scales, CSR
-outliers) as parameters whose loader keeps what it is given, unsharded, per logical shard (vLLM
-fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``, and tells the loader which
-shard each tensor is). After loading, each shard is cut for this tensor-parallel rank without
-dequantizing (:mod:`easyquant.shards`: rows for column-parallel layers, columns for
-row-parallel ones, outliers partitioned with them), the shards are stacked into one weight,
-and the layer runs it through :class:`EasyQuantLinear`, which picks the Triton kernel on CUDA
-and torch's int4 kernel or dequantization on the CPU. Layers the checkpoint left in full
-precision (``lm_head``, skipped modules) keep vLLM's own unquantized method. Quantized
-mixture-of-experts layers are refused by name (vLLM's fused-MoE path is not served yet).
+Loading: each quantized linear gets the checkpoint's tensors (packed codes, scales, CSR
+outliers, and zeros for asymmetric weights) as parameters whose loader keeps what it is given,
+unsharded, per logical shard (vLLM fuses q/k/v into ``qkv_proj`` and gate/up into
+``gate_up_proj``, and tells the loader which shard each tensor is). After loading, each shard
+is cut for this tensor-parallel rank without dequantizing (:mod:`easyquant.shards`: rows for
+column-parallel layers, columns for row-parallel ones, outliers partitioned with them), the
+shards are stacked into one weight, and the layer runs it through :class:`EasyQuantLinear`,
+which picks the Triton kernel on CUDA and torch's int4 kernel or dequantization on the CPU.
+Layers the checkpoint left in full precision (``lm_head``, skipped modules) keep vLLM's own
+unquantized method. Quantized mixture-of-experts layers are refused by name (vLLM's fused-MoE
+path is not served yet).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from .errors import EasyQuantError
 from .hf import METHOD, EasyQuantConfig
-from .nn import QUANTIZED_TENSORS, EasyQuantLinear
+from .nn import EasyQuantLinear, tensor_names
 from .qweight import QuantizedWeight
 from .shards import stack_rows, take_cols, take_rows
 
@@ -115,7 +116,7 @@ class EasyQuantLinearMethod(LinearMethodBase):
             shard_id = getattr(loaded, "shard_id", None) if shard_id is None else shard_id
             layer.easyquant_shards.setdefault(shard_id, {})[param.easyquant_name] = loaded.detach().clone()
 
-        for name in QUANTIZED_TENSORS:
+        for name in tensor_names(self.config.asymmetric):
             param = torch.nn.Parameter(torch.empty(0), requires_grad=False)  # on vLLM's device for the layer
             set_weight_attrs(param, {"weight_loader": keep, "easyquant_name": name})
             layer.register_parameter(name, param)
@@ -125,9 +126,9 @@ class EasyQuantLinearMethod(LinearMethodBase):
         local_cols, local_rows, cols, dtype = layer.easyquant_sizes
         rows = t["outlier_rowptr"].numel() - 1
         name = f"{layer.prefix}[{shard}]" if shard is not None else layer.prefix
-        qw = QuantizedWeight(
-            *(t[n] for n in QUANTIZED_TENSORS), self.config.bits, self.config.group_size or cols, (rows, cols), dtype
-        )
+        tensors = [t[n] for n in tensor_names(self.config.asymmetric)]
+        qw = QuantizedWeight(*tensors[:5], self.config.bits, self.config.group_size or cols, (rows, cols), dtype,
+                             *tensors[5:])  # fmt: skip
         qw.check(name)
         if isinstance(layer, RowParallelLinear) and local_cols != cols:
             return take_cols(qw, layer.tp_rank * local_cols, (layer.tp_rank + 1) * local_cols)
@@ -142,12 +143,13 @@ class EasyQuantLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         shards = layer.easyquant_shards
         order = _shard_order(layer, shards)
-        missing = [s for s in order if set(shards.get(s, {})) != set(QUANTIZED_TENSORS)]
+        names = tensor_names(self.config.asymmetric)
+        missing = [s for s in order if set(shards.get(s, {})) != set(names)]
         if missing or len(order) != len(layer.easyquant_sizes[1]):
             raise EasyQuantError(f"{layer.prefix}: the checkpoint lacks quantized tensors of shards {missing}")
         qw = stack_rows([self._local(layer, i, s, shards[s]) for i, s in enumerate(order)])
         device = layer.packed.device
-        for name in QUANTIZED_TENSORS:
+        for name in names:
             delattr(layer, name)
         layer.easyquant_shards = None
         layer.easyquant = EasyQuantLinear.from_quantized(qw.to(device), name=layer.prefix)

@@ -27,8 +27,12 @@ def kernel_group_of(qw) -> int | None:
     return ck.kernel_group(qw.bits, qw.shape, qw.group_size)
 
 
-def weight(rows: int, cols: int, group: int | None, n_sigma: float | None = 2.5, seed: int = 0, bits: int = 4):
-    cfg = QuantConfig(bits=bits, group_size=group, n_sigma=n_sigma, solver="rtn", max_outlier_fraction=1.0)
+def weight(
+    rows: int, cols: int, group: int | None, n_sigma: float | None = 2.5, seed: int = 0, bits: int = 4, asymmetric=False
+):
+    cfg = QuantConfig(
+        bits=bits, group_size=group, n_sigma=n_sigma, solver="rtn", max_outlier_fraction=1.0, asymmetric=asymmetric
+    )
     return quantize_weight(heavy_tailed(rows, cols, seed=seed), cfg)
 
 
@@ -41,12 +45,14 @@ def weight(rows: int, cols: int, group: int | None, n_sigma: float | None = 2.5,
     n_sigma=st.sampled_from([None, 2.0, 3.0]),
     bits=st.sampled_from([2, 3, 4]),
     seed=st.integers(0, 2**16),
+    asymmetric=st.booleans(),
 )
-def test_matches_dequantize(rows, blocks, group, batch, n_sigma, bits, seed):
+def test_matches_dequantize(rows, blocks, group, batch, n_sigma, bits, seed, asymmetric):
     """2, 3 and 4 bits; any width of whole 32-column blocks, per-channel or any group that is a
-    whole number of kernel groups (a shorter last group included), with or without outliers."""
+    whole number of kernel groups (a shorter last group included), with or without outliers,
+    symmetric or asymmetric."""
     cols = 32 * blocks
-    qw = weight(rows, cols, group, n_sigma, seed, bits)
+    qw = weight(rows, cols, group, n_sigma, seed, bits, asymmetric)
     kernel_group = kernel_group_of(qw)
     assert kernel_group in ck.KERNEL_GROUPS and cols % kernel_group == 0 and qw.group_size % kernel_group == 0
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed)).bfloat16()

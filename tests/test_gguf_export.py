@@ -22,7 +22,7 @@ from conftest import CONFIGS, tiny_model
 from easyquant import QuantConfig, quantize_weight
 from easyquant.assets import smollm2_gguf
 from easyquant.errors import EasyQuantError
-from easyquant.ggml_blocks import Q4_0, Q8_0, best_blocks, pack_blocks, reconstruct, to_blocks, unpack_blocks
+from easyquant.ggml_blocks import Q4_0, Q4_1, Q8_0, best_blocks, pack_blocks, reconstruct, to_blocks, unpack_blocks
 from easyquant.gguf_export import export_gguf
 from easyquant.pipeline import quantize_model
 
@@ -31,27 +31,28 @@ EXACT = QuantConfig(group_size=32, n_sigma=None)
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 10_000), st.sampled_from([2, 3, 4, 5, 8]), st.sampled_from([None, 32, 64, 48]),
-       st.sampled_from([None, 2.5]))  # fmt: skip
-def test_blocks_are_llama_cpp_blocks_of_the_same_weight(seed, bits, group, n_sigma) -> None:
+       st.sampled_from([None, 2.5]), st.booleans())  # fmt: skip
+def test_blocks_are_llama_cpp_blocks_of_the_same_weight(seed, bits, group, n_sigma, asym) -> None:
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(8, 96, generator=g) * 0.02
-    qw = quantize_weight(w, QuantConfig(bits=bits, group_size=group, n_sigma=n_sigma))
+    w = torch.randn(8, 96, generator=g) * 0.02 + (0.01 if asym else 0)
+    qw = quantize_weight(w, QuantConfig(bits=bits, group_size=group, n_sigma=n_sigma, asymmetric=asym))
     b = to_blocks(qw)
-    assert b.kind is (Q4_0 if bits <= 4 else Q8_0)
+    assert b.kind is ((Q4_1 if asym else Q4_0) if bits <= 4 else Q8_0)
     llama_cpp = gguf.quants.dequantize(b.data, gguf.GGMLQuantizationType[b.kind.name])
     ours = reconstruct(b.data, b.kind, qw.shape)
     assert np.array_equal(llama_cpp, ours.numpy())
     dense = qw.dequantize(torch.float32).view(8, 3, 32)
     touched = torch.zeros(8, 3, dtype=torch.bool)
     touched[qw.outlier_rows(), qw.outlier_cols.long() // 32] = True
-    if group is not None and group % 32:
+    if (group is not None and group % 32) or (asym and bits > 4):  # no block type holds these blocks exactly
         touched[:] = True
     assert b.requantized == int(touched.sum())
     # every block without an outlier (inside one scale group) is carried over bit for bit
     assert torch.equal(ours.view(8, 3, 32)[~touched], dense[~touched])
     # as Q8_0 (--type q8_0) the re-solved blocks, outliers included, stay within a step of 255 levels
     q8 = reconstruct(to_blocks(qw, Q8_0).data, Q8_0, qw.shape).view(8, 3, 32)
-    assert torch.equal(q8[~touched], dense[~touched])
+    if not asym:  # Q8_0 has no zero: an asymmetric weight's blocks are all re-solved
+        assert torch.equal(q8[~touched], dense[~touched])
     step = dense.abs().amax(-1, keepdim=True) / 127
     assert ((q8 - dense).abs() <= step).all()
 
@@ -60,24 +61,31 @@ def test_blocks_are_llama_cpp_blocks_of_the_same_weight(seed, bits, group, n_sig
 @given(st.integers(0, 10_000))
 def test_pack_unpack_round_trip_and_best_blocks_beat_both_candidates(seed) -> None:
     g = torch.Generator().manual_seed(seed)
-    for kind in (Q4_0, Q8_0):
-        codes = torch.randint(kind.qmin, -kind.qmin, (5, 32), generator=g, dtype=torch.int8)
+    for kind in (Q4_0, Q4_1, Q8_0):
+        codes = torch.randint(kind.qmin, kind.qmax + 1, (5, 32), generator=g, dtype=torch.int8)
         d = (torch.randn(5, generator=g) * 0.01).half()
-        back_codes, back_d = unpack_blocks(pack_blocks(codes, d, kind), kind)
+        m = (torch.randn(5, generator=g) * 0.01).half() if kind.affine else None
+        back_codes, back_d, back_m = unpack_blocks(pack_blocks(codes, d, kind, m), kind)
         assert torch.equal(back_codes, codes) and torch.equal(back_d, d)
+        assert (back_m is None) == (m is None) and (m is None or torch.equal(back_m, m))
     x = torch.randn(64, 32, generator=g) * 0.02
     x[torch.arange(64), torch.randint(0, 32, (64,), generator=g)] *= 6  # one outlier per block
-    kept = (torch.zeros(64, 32, dtype=torch.int8), (x.abs().amax(1) / 40).half())
-    codes, d = best_blocks(x, Q4_0, kept)
 
     def cost(w: torch.Tensor) -> torch.Tensor:  # the default objective, p = 3
         return ((w - x).abs() ** 3).sum(1)
 
-    solved = quantize_weight(x, QuantConfig(n_sigma=None)).dequantize(torch.float32)
-    kept_codes = (x / kept[1].float()[:, None]).round().clamp(-8, 7)
-    ours = cost(codes.float() * d.float()[:, None])
-    assert (ours <= cost(solved) * (1 + 1e-5)).all()
-    assert (ours <= cost(kept_codes * kept[1].float()[:, None]) * (1 + 1e-5)).all()
+    for kind in (Q4_0, Q4_1):
+        d = (x.abs().amax(1) / 40).half()
+        m = (-8 * d.float()).half() if kind.affine else None
+        codes, d_out, m_out = best_blocks(x, kind, (torch.zeros(64, 32, dtype=torch.int8), d, m))
+        config = QuantConfig(n_sigma=None, asymmetric=kind.affine)
+        solved = quantize_weight(x, config).dequantize(torch.float32)
+        shifted = x if m is None else x - m.float()[:, None]
+        kept = (shifted / d.float()[:, None]).round().clamp(kind.qmin, kind.qmax) * d.float()[:, None]
+        kept = kept if m is None else kept + m.float()[:, None]
+        ours = codes.float() * d_out.float()[:, None] + (0 if m_out is None else m_out.float()[:, None])
+        assert (cost(ours) <= cost(solved) * (1 + 1e-5)).all()
+        assert (cost(ours) <= cost(kept) * (1 + 1e-5)).all()
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +131,16 @@ def test_exported_file_loads_with_the_checkpoint_logits(tmp_path, tokenizer_dir,
     got = _logits(tmp_path, gguf_file="m.gguf")
     torch.testing.assert_close(got, _logits(ckpt), atol=2e-4, rtol=1e-4)
     assert not list(tmp_path.glob(".*eqtmp"))
+
+
+def test_asymmetric_checkpoint_exports_as_q4_1_exactly(tmp_path, tokenizer_dir) -> None:
+    config = QuantConfig(group_size=32, n_sigma=None, asymmetric=True)
+    ckpt = _tiny_checkpoint("llama", tmp_path, tokenizer_dir, config)
+    report = export_gguf(ckpt, tmp_path / "m.gguf", dense="f32", progress=False)
+    assert report.requantized == 0 and set(report.quantized.values()) == {"Q4_1"}
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_1
+    torch.testing.assert_close(_logits(tmp_path, gguf_file="m.gguf"), _logits(ckpt), atol=2e-4, rtol=1e-4)
 
 
 def test_gemma_norms_are_stored_as_one_plus_weight(tmp_path, tokenizer_dir) -> None:

@@ -14,25 +14,25 @@ from easyquant.errors import EasyQuantError
 from easyquant.shards import stack_rows, take_cols, take_rows
 
 
-def _weight(seed: int, rows: int, cols: int, bits: int, group: int | None, n_sigma: float | None):
+def _weight(seed: int, rows: int, cols: int, bits: int, group: int | None, n_sigma: float | None, asym=False):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g) * 0.02
     w[torch.rand(rows, cols, generator=g) < 0.02] *= 8  # heavy tail: outliers in every shard
-    return quantize_weight(w, QuantConfig(bits=bits, group_size=group, n_sigma=n_sigma))
+    return quantize_weight(w, QuantConfig(bits=bits, group_size=group, n_sigma=n_sigma, asymmetric=asym))
 
 
 configs = st.tuples(
     st.integers(0, 10_000), st.sampled_from([2, 3, 4, 8]), st.sampled_from([None, 16, 32]),
-    st.sampled_from([None, 2.0, 3.0]), st.sampled_from([1, 2, 4]),
+    st.sampled_from([None, 2.0, 3.0]), st.sampled_from([1, 2, 4]), st.booleans(),
 )  # fmt: skip
 
 
 @settings(max_examples=40, deadline=None)
 @given(configs)
 def test_tensor_parallel_shards_equal_dense_slices(case) -> None:
-    seed, bits, group, n_sigma, tp = case
+    seed, bits, group, n_sigma, tp, asym = case
     rows, cols = 24, 128
-    qw = _weight(seed, rows, cols, bits, group, n_sigma)
+    qw = _weight(seed, rows, cols, bits, group, n_sigma, asym)
     dense = qw.dequantize(torch.float32)
     for rank in range(tp):
         r0, r1 = rank * rows // tp, (rank + 1) * rows // tp
@@ -46,9 +46,9 @@ def test_tensor_parallel_shards_equal_dense_slices(case) -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(0, 10_000), st.sampled_from([None, 32]))
-def test_fused_qkv_is_the_stack_of_its_parts(seed, group) -> None:
-    q, k, v = (_weight(seed + i, rows, 64, 4, group, 2.5) for i, rows in enumerate((32, 8, 8)))
+@given(st.integers(0, 10_000), st.sampled_from([None, 32]), st.booleans())
+def test_fused_qkv_is_the_stack_of_its_parts(seed, group, asym) -> None:
+    q, k, v = (_weight(seed + i, rows, 64, 4, group, 2.5, asym) for i, rows in enumerate((32, 8, 8)))
     fused = stack_rows([q, k, v])
     fused.check("qkv")
     want = torch.cat([q.dequantize(torch.float32), k.dequantize(torch.float32), v.dequantize(torch.float32)])
@@ -66,3 +66,5 @@ def test_column_shards_must_cut_on_group_and_packing_boundaries() -> None:
         take_rows(qw, 4, 9)
     with pytest.raises(EasyQuantError, match="cannot stack"):
         stack_rows([qw, _weight(0, 8, 64, 4, 32, 3.0)])
+    with pytest.raises(EasyQuantError, match="asymmetric"):
+        stack_rows([qw, _weight(1, 8, 128, 4, 32, 3.0, asym=True)])

@@ -1,0 +1,197 @@
+"""The asymmetric option: an fp16 zero per row or group beside the scale (format 2).
+
+The math (codes, the range solver, outliers as residuals), then the whole path: checkpoint,
+``from_pretrained``, every runtime, format-1 checkpoints, and damaged zeros."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+import easyquant  # noqa: F401  (registers the loader)
+from conftest import heavy_tailed, tiny_model
+from easyquant import EasyQuantError, QuantConfig, quantize_weight
+from easyquant.grid import Grid, min_max
+from easyquant.groups import to_groups
+from easyquant.nn import EasyQuantLinear
+from easyquant.objective import Objective
+from easyquant.pipeline import FORMAT_VERSION, quantize_model
+from easyquant.solvers import AffineSearch
+
+
+def expand(t: torch.Tensor, group: int, cols: int) -> torch.Tensor:
+    return t.float().repeat_interleave(group, dim=1)[:, :cols]
+
+
+@pytest.mark.filterwarnings("ignore:.*outliers")
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.integers(2, 8),
+    rows=st.integers(1, 12),
+    cols=st.integers(1, 70),
+    group=st.sampled_from([None, 8, 16, 32]),
+    solver=st.sampled_from(["rtn", "search"]),
+    n_sigma=st.sampled_from([None, 2.0, 3.0]),
+    shift=st.sampled_from([0.0, 0.03]),
+    seed=st.integers(0, 2**16),
+)
+def test_codes_zeros_and_outlier_residuals(bits, rows, cols, group, solver, n_sigma, shift, seed):
+    """The dense part is exactly ``scale * u + zero`` with unsigned codes; an outlier comes back
+    as that plus its residual, exact to the residual's fp16 rounding; an unclipped
+    weight is within half a step; min-max (``rtn``) clips nothing."""
+    w = heavy_tailed(rows, cols, seed=seed) + shift  # off-centre rows are what the zero is for
+    config = QuantConfig(
+        bits=bits, group_size=group, n_sigma=n_sigma, solver=solver, asymmetric=True, max_outlier_fraction=1.0
+    )
+    q = quantize_weight(w, config)
+    q.check("w")
+    assert q.asymmetric and q.zeros.shape == q.scales.shape and bool((q.scales > 0).all())
+    gs = q.group_size
+    s, z, u = expand(q.scales, gs, cols), expand(q.zeros, gs, cols), q.codes().float()
+    assert u.min() >= 0 and u.max() <= Grid(bits).top
+    deq = q.dequantize(torch.float32)
+    outlier = torch.zeros_like(w, dtype=torch.bool)
+    outlier[q.outlier_rows(), q.outlier_cols.long()] = True
+    assert torch.equal(deq[~outlier], (s * u + z)[~outlier])
+    residual = (w - (s * u + z))[outlier]
+    fp16_rounding = (residual.half().float() - residual).abs() + w[outlier].abs() * 2**-23
+    assert torch.all((deq - w).abs()[outlier] <= fp16_rounding)
+    unclipped = ~outlier & (u > 0) & (u < Grid(bits).top)
+    assert torch.all((deq - w).abs()[unclipped] <= s[unclipped] / 2 * (1 + 1e-3) + 1e-7)
+    if solver == "rtn":  # the range spans every kept weight: nothing clipped beyond fp16 rounding
+        assert torch.all((deq - w).abs()[~outlier] <= s[~outlier] * 0.51 + 1e-7)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), seed=st.integers(0, 2**16), p=st.sampled_from([2.0, 3.0]))
+def test_affine_search_beats_min_max_and_a_dense_scan(bits, seed, p):
+    w = to_groups(heavy_tailed(16, 128, seed=seed) + 0.01, 32)
+    c = torch.ones_like(w)
+    grid, obj = Grid(bits), Objective(p=p)
+    s, m = AffineSearch(obj).solve(w, c, grid)
+    ours = obj.affine_loss(w, c, s, m, grid)
+    s0, lo = AffineSearch(coarse=0).solve(w, c, grid)
+    assert torch.all(ours <= obj.affine_loss(w, c, s0, lo, grid))
+    # at least as good, over all rows, as the best of a dense scan of 200 centred shrinks
+    mid = lo + s0 * grid.top / 2
+    dense = torch.stack(
+        [
+            obj.affine_loss(w, c, (s0 * t).half().float(), (mid - s0 * t * grid.top / 2).half().float(), grid)
+            for t in torch.linspace(0.3, 1, 200)
+        ]
+    ).amin(0)
+    assert ours.sum() <= dense.sum() * (1 + 1e-6)
+    # stored values: fp16 scales and zeros
+    assert torch.equal(s, s.half().float()) and torch.equal(m, m.half().float())
+
+
+def test_least_squares_step_is_the_exact_line_fit():
+    """With the codes fixed, the p = 2 step is the least-squares line through (code, weight)."""
+    w = to_groups(heavy_tailed(4, 64, seed=3) + 0.02, 64)
+    grid = Grid(3)
+    s0, lo = min_max(w, torch.ones_like(w, dtype=torch.bool), grid)
+    s, m = AffineSearch(Objective(p=2.0))._least_squares(w, torch.ones_like(w), s0, lo, grid)
+    u = grid.affine_codes(w, s0[:, None], lo[:, None])
+    for r in range(w.shape[0]):
+        a = torch.stack([u[r], torch.ones_like(u[r])], dim=1).double()
+        fit = torch.linalg.lstsq(a, w[r].double()[:, None]).solution.squeeze(1)
+        torch.testing.assert_close(torch.stack([s[r], m[r]]).double(), fit, rtol=1e-4, atol=1e-7)
+
+
+def test_asymmetric_beats_symmetric_on_off_centre_rows():
+    w = heavy_tailed(64, 256, seed=5) + 0.02
+    for bits in (3, 4):
+        sym = quantize_weight(w, QuantConfig(bits=bits, group_size=64, n_sigma=None)).dequantize()
+        asym = quantize_weight(w, QuantConfig(bits=bits, group_size=64, n_sigma=None, asymmetric=True)).dequantize()
+        assert (asym - w).norm() < 0.9 * (sym - w).norm()
+
+
+def test_settings_it_refuses():
+    with pytest.raises(EasyQuantError, match="asymmetric ranges are solved by search or rtn"):
+        QuantConfig(asymmetric=True, solver="paper")
+    with pytest.raises(EasyQuantError, match="asymmetric must be true or false"):
+        QuantConfig(asymmetric="yes")
+
+
+def test_deterministic():
+    w = heavy_tailed(48, 160, seed=9)
+    cfg = QuantConfig(bits=3, group_size=32, asymmetric=True)
+    a, b = quantize_weight(w, cfg), quantize_weight(w.clone(), cfg)
+    assert all(torch.equal(a.tensors()[k], b.tensors()[k]) for k in a.tensors())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_runtimes_agree(dtype):
+    """The torch path, the CPU int4 kernel (bf16) and the module built from the weight all give
+    the dequantized weight's product."""
+    qw = quantize_weight(heavy_tailed(64, 256, seed=2) + 0.01, QuantConfig(group_size=64, n_sigma=2.5, asymmetric=True))
+    lin = EasyQuantLinear.from_quantized(qw).to(dtype)
+    x = torch.randn(3, 256, dtype=dtype)
+    assert lin.path(x) == ("int4" if dtype == torch.bfloat16 else "torch")
+    want = x.double() @ qw.dequantize(torch.float32).double().T
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(lin(x).double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    assert "asymmetric=True" in repr(lin)
+
+
+def test_checkpoint_loads_with_the_in_memory_logits(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    model = tiny_model("llama", src)
+    cfg = QuantConfig(bits=4, group_size=32, n_sigma=2.5, asymmetric=True)
+    summary = quantize_model(src, out, cfg, progress=False)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["asymmetric"] is True and qc["format_version"] == FORMAT_VERSION == 2
+    tensors = load_file(next(out.glob("*.safetensors")))
+    assert sum(k.endswith(".zeros") for k in tensors) == len(summary.layers)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    for name, lin in ref.named_modules():
+        if name in qc["modules"]:
+            lin.weight.data = quantize_weight(lin.weight.data, cfg).dequantize()
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, ref(x).logits, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(model(x).logits, ref(x).logits, atol=1e-4)
+
+    # damaged zeros are refused by name; a format-1 config may not claim asymmetric weights
+    name = next(k for k in tensors if k.endswith(".zeros"))
+    bad = dict(tensors)
+    bad[name] = bad[name].clone()
+    bad[name][0, 0] = float("nan")
+    save_file(bad, next(out.glob("*.safetensors")), metadata={"format": "pt"})
+    with pytest.raises(EasyQuantError, match=rf"{name} holds NaN"):
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 1
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EasyQuantError, match="asymmetric weights need format_version 2"):
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_missing_zeros_are_refused_and_format_1_checkpoints_still_load(tmp_path):
+    src, out, sym = tmp_path / "src", tmp_path / "out", tmp_path / "sym"
+    tiny_model("qwen2", src)
+    quantize_model(src, out, QuantConfig(group_size=32, asymmetric=True), progress=False)
+    shard = next(out.glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = next(k for k in tensors if k.endswith(".zeros"))
+    save_file({k: v for k, v in tensors.items() if k != name}, shard, metadata={"format": "pt"})
+    with pytest.raises(EasyQuantError, match=rf"no tensor {name}"):
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+    # A symmetric checkpoint as easyquant 1 wrote it (format 1, no asymmetric key) loads as before.
+    quantize_model(src, sym, QuantConfig(group_size=32), progress=False)
+    before = transformers.AutoModelForCausalLM.from_pretrained(sym).eval()
+    config = json.loads((sym / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 1
+    del config["quantization_config"]["asymmetric"]
+    (sym / "config.json").write_text(json.dumps(config))
+    old = transformers.AutoModelForCausalLM.from_pretrained(sym).eval()
+    x = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(old(x).logits, before(x).logits)
