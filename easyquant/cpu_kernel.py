@@ -6,8 +6,9 @@ CPU kernel for exactly easyquant's 4-bit arithmetic (``aten._weight_int4pack_mm_
 unsigned codes, ``(code - 8) * scale + zero`` per group of 32 to 256 columns, bf16
 activations, fp32 accumulation), which reads the codes and unpacks them in registers. A
 signed code ``q`` of 4 bits or fewer is the kernel's ``q + 8`` with ``zero = 0``, exactly, so
-only the layout changes (an asymmetric weight's ``s * u + z`` is the kernel's ``u`` with
-``zero = z + 8 s``, rounded to bf16): :func:`repack` writes the codes once in the kernel's
+only the layout changes (an asymmetric weight's ``s * (u - z)`` is the kernel's ``u - z + 8``
+with zero 0 up to 3 bits, exactly; at 4 bits its ``u`` with ``zero = s * (8 - z)`` rounded
+to bf16, within 2^-9 of it): :func:`repack` writes the codes once in the kernel's
 layout (4 bits each, also for 2- and 3-bit weights) and repeats each scale over the kernel's
 groups; outliers, which add to the dense part, are one fp32 sparse CSR matrix, multiplied by
 torch's sparse kernel (MKL) and added once. The kernel takes bf16 scales: an fp16 scale
@@ -64,12 +65,14 @@ def repack(qw: QuantizedWeight) -> Int4Weight:
     cols = qw.shape[1]
     owner = torch.arange(0, cols, group) // qw.group_size  # the easyquant group of each kernel group
     codes = unpack(qw.packed, qw.bits, cols).to(torch.int32)
-    scales = qw.scales[:, owner].t().float()
+    scales = qw.scales[:, owner].t().to(torch.bfloat16).float()
+    zeros = torch.zeros_like(scales)
     if qw.zeros is None:  # signed q is the kernel's q + 8 with zero 0
         codes += 8 + qw.grid.qmin
-        zeros = torch.zeros_like(scales)
-    else:  # s * u + z is the kernel's (u - 8) * s + (z + 8 s)
-        zeros = qw.zeros[:, owner].t().float() + 8 * scales
+    elif qw.bits < 4:  # u - z + 8 stays within 0..15: the kernel's code, with zero 0, exactly
+        codes += 8 - qw.zeros.int().repeat_interleave(qw.group_size, dim=1)[:, :cols]
+    else:  # s * (u - z) is the kernel's (u - 8) * s + s * (8 - z), that zero rounded to bf16
+        zeros = scales * (8 - qw.zeros[:, owner].t().float())
     outliers = None
     if qw.outlier_count:
         index = torch.int32 if qw.outlier_count < 2**31 else torch.int64

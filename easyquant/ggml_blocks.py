@@ -5,9 +5,10 @@ of 4-bit codes ``q`` (weight ``d * (q - 8)``; byte ``j`` holds weight ``j`` in i
 and weight ``j + 16`` in its high one); Q4_1 adds an fp16 minimum ``m`` after ``d`` (weight
 ``d * q + m``, same nibbles); Q8_0 stores 32 int8 codes (weight ``d * q``).
 easyquant's grid ``[-2^(k-1), 2^(k-1) - 1]`` with signed fp16 scales is a subset of Q4_0's
-for ``k <= 4`` and of Q8_0's for ``k <= 8``, and its asymmetric grid (``s * u + z``, fp16
-``s`` and ``z``) is Q4_1's for ``k <= 4``, so codes, scales and zeros carry over bit for bit
-wherever a block lies inside one scale group. Blocks that hold an fp16 outlier (which GGUF
+for ``k <= 4`` and of Q8_0's for ``k <= 8``, so codes and scales carry over bit for bit
+wherever a block lies inside one scale group. Its asymmetric grid ``s * (u - z)`` maps onto
+Q4_1 for ``k <= 4`` with the same codes and scale and ``m = -s * z`` rounded to fp16 (an
+error of at most 2^-11 of ``m``, a fraction of a percent of a step). Blocks that hold an fp16 outlier (which GGUF
 cannot store), or that straddle two groups, are re-quantized from the reconstructed weights
 with easyquant's own range solver on the block: the best block of the target type for those
 32 values.
@@ -95,6 +96,11 @@ def unpack_blocks(data: np.ndarray, kind: BlockType) -> tuple[torch.Tensor, torc
 Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # codes, scales, minimums (affine kinds)
 
 
+def _minimum(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Q4_1's fp16 minimum ``m = -s * z`` of easyquant's scales and integer zero points."""
+    return (-scales.float() * zeros.float()).half()
+
+
 def _weights(block: Block) -> torch.Tensor:
     codes, d, m = block
     w = codes.float() * d.float()[:, None]
@@ -110,7 +116,7 @@ def best_blocks(x: torch.Tensor, kind: BlockType, kept: Block | None = None) -> 
     most: on SmolLM2, p = 2 here lowered the weight error and raised the model's KL divergence."""
     config = QuantConfig(bits=kind.bits, n_sigma=None, asymmetric=kind.affine)
     qw = quantize_weight(x.float(), config)
-    new = (qw.codes(), qw.scales[:, 0], None if qw.zeros is None else qw.zeros[:, 0])
+    new = (qw.codes(), qw.scales[:, 0], None if qw.zeros is None else _minimum(qw.scales, qw.zeros)[:, 0])
     if kept is None:
         return new
     _, d, m = kept
@@ -152,7 +158,9 @@ def to_blocks(qw: QuantizedWeight, kind: BlockType | None = None) -> Blocks:
     exact = qw.asymmetric == kind.affine and qw.group_size % BLOCK == 0
     redo = torch.full((rows, nb), not exact)
     d = per_block(qw.scales) if exact else torch.zeros(rows, nb, dtype=torch.float16)
-    m = (per_block(qw.zeros) if exact else torch.zeros(rows, nb, dtype=torch.float16)) if kind.affine else None
+    m = None
+    if kind.affine:
+        m = per_block(_minimum(qw.scales, qw.zeros)) if exact else torch.zeros(rows, nb, dtype=torch.float16)
     if qw.outlier_count:
         redo[qw.outlier_rows(), qw.outlier_cols.long() // BLOCK] = True
     if redo.any():

@@ -1,8 +1,9 @@
 """Triton matmul of activations with a :class:`QuantizedWeight`: packed codes plus CSR outliers.
 
 ``y = x @ W.T`` where ``W = scales * (codes + qmin)`` (asymmetric weights:
-``scales * codes + zeros``) plus the fp16 outliers. Outliers add to the dense part (see
-:mod:`easyquant.qweight`), so the product splits exactly into a dense part and a sparse part:
+``scales * (codes - zeros)``) with the fp16 outliers written over it. Because outlier
+positions hold the code of 0 (see :mod:`easyquant.qweight`), the product splits exactly into
+a dense part and a sparse part:
 
 - dense: each program owns a ``(BLOCK_M, BLOCK_N)`` tile of ``y``, streams the packed codes
   of its ``BLOCK_N`` weight rows ``BLOCK_K`` columns at a time, unpacks them in registers
@@ -238,13 +239,14 @@ if triton is not None:
 
     @triton.jit
     def _group_scales(scales_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The scales of a ``(BLOCK_N, BLOCK_K)`` tile: one per row when the block lies inside one
-        group (``default_config`` makes it so for power-of-two groups), else one per element."""
+        """The scales (or zero points) of a ``(BLOCK_N, BLOCK_K)`` tile, in fp32: one per row when the
+        block lies inside one group (``default_config`` makes it so for power-of-two groups), else
+        one per element."""
         if GROUP % BLOCK_K == 0:
-            s = tl.load(scales_ptr + rn * n_groups + k0 // GROUP, mask=n_mask, other=0.0)[:, None]
+            s = tl.load(scales_ptr + rn * n_groups + k0 // GROUP, mask=n_mask, other=0)[:, None]
         else:
             s = tl.load(scales_ptr + rn[:, None] * n_groups + (rk // GROUP)[None, :],
-                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+                        mask=n_mask[:, None] & k_mask[None, :], other=0)  # fmt: skip
         return s.to(tl.float32)
 
     @triton.jit
@@ -276,14 +278,12 @@ if triton is not None:
             x = tl.load(x_rows + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             codes = _unpack_tile(packed_ptr, row_stride, rn, k0, n_mask, BITS, BLOCK_K, WORDS)
             if HAS_ZEROS:
-                q = codes.to(tl.float32) * _group_scales(
-                    scales_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K
-                )
-                q += _group_scales(zeros_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K)
+                q = codes.to(tl.float32) - _group_scales(zeros_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP,
+                                                          BLOCK_K)  # fmt: skip
             else:
                 q = (codes + qmin).to(tl.float32)
-                if not PER_ROW:
-                    q = q * _group_scales(scales_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K)
+            if not PER_ROW:
+                q = q * _group_scales(scales_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K)
             w = q.to(x.dtype)
             if BLOCK_M == 1:
                 partial += x.to(tl.float32) * w.to(tl.float32)
@@ -364,9 +364,8 @@ if triton is not None:
         codes = _unpack_tile(packed_ptr, row_stride, rn, k0, n_mask, BITS, BLOCK_K, WORDS)
         s = _group_scales(scales_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K)
         if HAS_ZEROS:
-            w = codes.to(tl.float32) * s + _group_scales(
-                zeros_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K
-            )
+            z = _group_scales(zeros_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K)
+            w = (codes.to(tl.float32) - z) * s
         else:
             w = (codes - (1 << (BITS - 1))).to(tl.float32) * s
         tl.store(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
@@ -477,7 +476,7 @@ def plan_qmatmul(
         (x2, y, packed, qw.scales, _zeros(qw), qw.outlier_rowptr, qw.outlier_cols, qw.outlier_values,
          x2 if bias is None else bias.contiguous(),
          m, n, k, x2.stride(0), y.stride(0), row_stride, qw.scales.shape[1]),
-        dict(BITS=qw.bits, GROUP=qw.group_size, PER_ROW=qw.scales.shape[1] == 1 and not qw.asymmetric,
+        dict(BITS=qw.bits, GROUP=qw.group_size, PER_ROW=qw.scales.shape[1] == 1,
              HAS_ZEROS=qw.asymmetric, HAS_OUTLIERS=qw.outlier_count > 0 and not balanced,
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_NNZ=cfg.block_nnz,
              SPLIT_K=cfg.split_k, ATOMIC=atomic,

@@ -74,7 +74,7 @@ class EasyQuantLinear(nn.Module):
         self.outlier_rowptr = _frozen(torch.zeros(out_features + 1, dtype=rowptr_dtype(outliers), **kw))
         self.outlier_cols = _frozen(torch.zeros(outliers, dtype=index_dtype(in_features), **kw))
         self.outlier_values = _frozen(torch.zeros(outliers, dtype=torch.float16, **kw))
-        self.zeros = _frozen(torch.zeros_like(self.scales)) if asymmetric else None
+        self.zeros = _frozen(torch.zeros_like(self.scales, dtype=torch.uint8)) if asymmetric else None
         self.bias = _frozen(torch.zeros(out_features, dtype=dtype, **kw)) if bias else None
         self.register_load_state_dict_pre_hook(EasyQuantLinear._check_incoming)
 

@@ -44,7 +44,7 @@ class Objective:
     def affine_loss(
         self, w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, m: torch.Tensor, grid: Grid
     ) -> torch.Tensor:
-        """Per-row loss of the asymmetric grid at scales ``s`` and offsets ``m`` (each ``(rows,)``)."""
+        """Per-row loss of the asymmetric grid at scales ``s`` and zero points ``m`` (each ``(rows,)``)."""
         return self.weighted(grid.affine_fake_quant(w, s[:, None], m[:, None]) - w, c)
 
     def weighted(self, e: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ from .source import DTYPE_OF, INDEX, Source, TensorRef, fingerprint, loader_file
 from .st_io import Entry, atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_temps, write_safetensors
 from .targets import Plan, Target, find_targets
 
-# 2: asymmetric weights (a zeros tensor beside the scales); outliers add to the dense part.
+# 2: asymmetric weights (a uint8 zero point per row or group beside the scales).
 FORMAT_VERSION = 2
 WORK_DIR = ".easyquant-work"
 SUMMARY = "easyquant_summary.md"

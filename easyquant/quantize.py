@@ -38,8 +38,8 @@ class QuantConfig:
     solver's Adam (default: the paper's BLOOM setting, 1e-3 and 100; its LLaMA setting is 1e-4
     and 500). ``orient=False`` gives every row a positive scale, as the paper does, instead of
     putting each row's largest weight on the grid's longer side. ``asymmetric=True`` adds an
-    fp16 offset per row or group (the unsigned grid, ``w = scale * u + offset``); its ranges
-    come from :class:`~easyquant.solvers.AffineSearch` (``solver="search"``) or min-max
+    integer zero point per row or group (the unsigned grid, ``w = scale * (u - zero)``); its
+    ranges come from :class:`~easyquant.solvers.AffineSearch` (``solver="search"``) or min-max
     (``solver="rtn"``).
     """
 
@@ -165,13 +165,11 @@ def quantize_weight(
     codes, scales, zeros = solve(wg, cg, config, grid, CHUNK_ELEMENTS.get(w.device.type, 1 << 20) // gs)
     codes, scales = from_groups(codes, rows, cols), scales.reshape(rows, -1)
     zeros = None if zeros is None else zeros.reshape(rows, -1)
-    # Outliers add to the dense part. The symmetric grid stores the code of 0 there, so an
-    # outlier's value is the weight itself; the asymmetric grid's nearest code leaves a residual.
-    if zeros is None:
-        codes, rest = codes.masked_fill(mask, -grid.qmin), x
-    else:
-        rest = x - _expand(scales, gs, cols) * codes - _expand(zeros, gs, cols)
-    rowptr, col_idx, values = csr_from_mask(mask, rest)
+    # Outliers hold the code of 0 (qmin's distance from 0, or the zero point), so the dense part
+    # adds nothing there and an outlier's stored value is the weight itself.
+    zero_code = -grid.qmin if zeros is None else zeros.float().repeat_interleave(gs, dim=1)[:, :cols]
+    codes = torch.where(mask, zero_code, codes)
+    rowptr, col_idx, values = csr_from_mask(mask, x)
     return QuantizedWeight(
         packed=pack(codes.to(torch.uint8), config.bits),
         scales=scales,
@@ -213,13 +211,8 @@ def _solve_symmetric(
 def _solve_affine(
     wg: torch.Tensor, cg: torch.Tensor, config: QuantConfig, grid: Grid, step: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unsigned codes, fp16 scales and fp16 offsets of grouped rows on the asymmetric grid."""
+    """Unsigned codes, fp16 scales and uint8 zero points of grouped rows on the asymmetric grid."""
     solver = config.make_affine_solver()
     parts = [solver.solve(wg[i : i + step], cg[i : i + step], grid) for i in _chunks(wg.shape[0], step)]
-    s, m = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    return grid.affine_codes(wg, s[:, None], m[:, None]), s.to(torch.float16), m.to(torch.float16)
-
-
-def _expand(t: torch.Tensor, gs: int, cols: int) -> torch.Tensor:
-    """Per-group values ``(rows, groups)`` repeated over their columns, in fp32."""
-    return t.float().repeat_interleave(gs, dim=1)[:, :cols]
+    s, z = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return grid.affine_codes(wg, s[:, None], z[:, None]), s.to(torch.float16), z.to(torch.uint8)

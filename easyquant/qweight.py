@@ -7,16 +7,17 @@ Memory layout of a ``(rows, cols)`` weight quantized at ``bits`` with groups of
   every weight, packed as :mod:`easyquant.packing` describes. Outlier positions hold the
   code of 0, so the dense part contributes nothing there.
 - ``scales``: fp16 ``(rows, ceil(cols / group_size))``; the sign is part of the scale.
-- ``zeros`` (asymmetric weights only, format 2): fp16, the scales' shape: the value of code 0.
+- ``zeros`` (asymmetric weights only, format 2): uint8, the scales' shape: the integer zero
+  point, the code that stands for 0.
 - outliers in CSR: ``outlier_rowptr`` int32 (int64 past 2^31 outliers) ``(rows + 1,)``,
   ``outlier_cols`` in the narrowest type holding a column index (uint8 up to 256 columns,
   int16 up to 32768, else int32) ``(nnz,)``, ascending within a row, and
   ``outlier_values`` fp16 ``(nnz,)``.
 
 The weight it stands for is ``scales[r, j // group_size] * (packed code + qmin)``, or
-``scales * packed code + zeros`` for an asymmetric weight, plus the outliers:
-:meth:`QuantizedWeight.dequantize`. Outliers add to the dense part; a symmetric weight holds
-the code of 0 at every outlier, so there its stored value is the weight itself.
+``scales * (packed code - zeros)`` for an asymmetric weight, plus the outliers:
+:meth:`QuantizedWeight.dequantize`. Outlier positions hold the code of 0, so the dense part
+is 0 there and an outlier's stored value is the weight itself.
 """
 
 from __future__ import annotations
@@ -91,13 +92,15 @@ class QuantizedWeight:
             "outlier_rowptr": (torch.int32, torch.int64),
             "outlier_cols": (torch.uint8, torch.int16, torch.int32),
             "outlier_values": (torch.float16,),
-            "zeros": (torch.float16,),
+            "zeros": (torch.uint8,),
         }
         for field, t in self.tensors().items():
             if t.dtype not in dtypes[field]:
                 raise EasyQuantError(f"{name}.{field} is {t.dtype}, expected {dtypes[field][0]}")
-        for field in ("scales", "outlier_values", "zeros"):
-            if field in self.tensors() and not bool(torch.isfinite(getattr(self, field)).all()):
+        if self.zeros is not None and bool((self.zeros > self.grid.top).any()):
+            raise EasyQuantError(f"{name}.zeros holds zero points outside 0..{self.grid.top}")
+        for field in ("scales", "outlier_values"):
+            if not bool(torch.isfinite(getattr(self, field)).all()):
                 raise EasyQuantError(f"{name}.{field} holds NaN or Inf")
         ptr, idx, cols = self.outlier_rowptr.long(), self.outlier_cols.long(), self.shape[1]
         if ptr[0] != 0 or ptr[-1] != idx.numel() or bool((ptr.diff() < 0).any()):
@@ -140,11 +143,11 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         w = unpack(self.packed, self.bits, self.shape[1]).float()  # changed in place: one full-size buffer
-        if not self.asymmetric:
+        if self.asymmetric:
+            self._per_group(w, self.zeros, torch.Tensor.sub_)
+        else:
             w.add_(self.grid.qmin)
         self._per_group(w, self.scales, torch.Tensor.mul_)
-        if self.asymmetric:
-            self._per_group(w, self.zeros, torch.Tensor.add_)
         return self.add_outliers(w).to(dtype or self.dtype)
 
     def _per_group(self, w: torch.Tensor, t: torch.Tensor, op) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .grid import FP16_TINY, Grid, min_max, to_fp16, to_fp16_grid
+from .grid import FP16_TINY, Grid, min_max, to_fp16_grid, zero_point
 from .objective import Objective
 
 
@@ -139,28 +139,29 @@ class Search(RangeSolver):
             for u in offsets:
                 best.consider(s0 * (centre + u))
         for _ in range(self.refine):
-            best.consider(self._least_squares(w, c, best.s, grid))
+            best.consider(_fit_scale(w, c, best.s, grid.codes(w, best.s[:, None]), self.objective.p))
         return best.s
 
-    def _least_squares(self, w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, grid: Grid) -> torch.Tensor:
-        """With the codes held fixed, the scale minimising the (reweighted) squared error."""
-        q = grid.codes(w, s[:, None])
-        if self.objective.p != 2:
-            e = (s[:, None] * q - w).abs()
-            c = c * e.clamp_min(1e-12 * s[:, None]).pow(self.objective.p - 2)
-        num = (c * w * q).sum(dim=1)
-        den = (c * q * q).sum(dim=1)
-        return torch.where(den > 0, num / den.clamp_min(1e-30), s).clamp_min(FP16_TINY)
+
+def _fit_scale(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, q: torch.Tensor, p: float) -> torch.Tensor:
+    """With the codes' levels ``q`` (the multiples of the scale) held fixed, the scale minimising
+    the squared error, reweighted by ``|e|^(p-2)`` at the current scale ``s`` (IRLS) for ``p != 2``."""
+    if p != 2:
+        e = (s[:, None] * q - w).abs()
+        c = c * e.clamp_min(1e-12 * s[:, None]).pow(p - 2)
+    num, den = (c * w * q).sum(dim=1), (c * q * q).sum(dim=1)
+    return torch.where(den > 0, num / den.clamp_min(1e-30), s).clamp_min(FP16_TINY)
 
 
 @dataclass(frozen=True)
 class AffineSearch:
-    """Scale and offset per row for the asymmetric grid (``w = s * u + m``, ``u`` in
-    ``[0, 2^k - 1]``): a scan of ranges shrunk about the kept weights' midpoint, a finer scan
-    around the best basins, then alternating steps that re-round the codes and solve the
-    (reweighted) least-squares line through them exactly, which moves each end of the range
-    on its own. ``coarse=0`` is the min-max baseline. Like :class:`Search`, every candidate is
-    judged at its stored fp16 values and kept only if it lowers the loss.
+    """Scale and integer zero point per row for the asymmetric grid (``w = s * (u - z)``, ``u`` in
+    ``[0, 2^k - 1]``): a scan of ranges shrunk about the kept weights' midpoint (each with the
+    zero point nearest its low end), a finer scan around the best basins, then steps that
+    re-round the codes and solve the (reweighted) least-squares scale exactly, each also trying
+    the zero point one up and one down, which moves the range off centre. ``coarse=0`` is the
+    min-max baseline. Like :class:`Search`, every candidate is judged at its stored values
+    (fp16 scale, integer zero point) and kept only if it lowers the loss.
     """
 
     objective: Objective = field(default_factory=lambda: Objective(p=3.0))
@@ -168,51 +169,43 @@ class AffineSearch:
     min_shrink: float = 0.3
     basins: int = 2
     fine: int = 6
-    refine: int = 6
+    refine: int = 4
 
     def solve(self, w: torch.Tensor, c: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scales, offsets)``, each ``(rows,)``, for rows ``w`` with importances ``c``."""
-        s0, lo = min_max(w, c > 0, grid)
+        """``(scales, zero points)``, each ``(rows,)`` (zero points as whole floats)."""
+        s0, z0 = min_max(w, c > 0, grid)
         best = _Best(
-            lambda s, m: self.objective.affine_loss(w, c, s, m, grid),
-            lambda s, m: (to_fp16_grid(s), to_fp16(m)),
+            lambda s, z: self.objective.affine_loss(w, c, s, z, grid),
+            lambda s, z: (to_fp16_grid(s), z.round().clamp(0, grid.top)),
             s0,
-            lo,
+            z0,
         )
         if self.coarse == 0:
             return best.params
+        zero = torch.zeros((), dtype=w.dtype, device=w.device)
+        lo = torch.where(c > 0, w, zero).amin(dim=1).clamp_max(0)
         mid = lo + s0 * grid.top / 2
 
-        def shrunk(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return s0 * t, mid - s0 * t * grid.top / 2
+        def shrunk(t: float) -> tuple[torch.Tensor, torch.Tensor]:
+            s = to_fp16_grid(s0 * t)
+            return s, zero_point(mid - s * grid.top / 2, s, grid)
 
-        shrinks = torch.linspace(self.min_shrink, 1, self.coarse, dtype=s0.dtype, device=s0.device)
+        shrinks = torch.linspace(self.min_shrink, 1, self.coarse).tolist()
         coarse = torch.stack([best.consider(*shrunk(t)) for t in shrinks])
         step = (1 - self.min_shrink) / max(self.coarse - 1, 1)
-        centres = shrinks[coarse.topk(min(self.basins, self.coarse), dim=0, largest=False).indices]
+        centres = torch.tensor(shrinks)[coarse.topk(min(self.basins, self.coarse), dim=0, largest=False).indices]
         for centre in centres:
             for u in torch.linspace(-step, step, self.fine + 2)[1:-1].tolist():
-                best.consider(*shrunk(centre + u))
+                s = to_fp16_grid(s0 * (centre.to(s0) + u))
+                best.consider(s, zero_point(mid - s * grid.top / 2, s, grid))
         for _ in range(self.refine):
-            best.consider(*self._least_squares(w, c, *best.params, grid))
+            s, z = best.params
+            for dz in (-1, 1):
+                best.consider(s, z + dz)
+            s, z = best.params
+            q = grid.affine_codes(w, s[:, None], z[:, None]) - z[:, None]
+            best.consider(_fit_scale(w, c, s, q, self.objective.p), z)
         return best.params
-
-    def _least_squares(
-        self, w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, m: torch.Tensor, grid: Grid
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """With the codes held fixed, the ``(s, m)`` minimising the (reweighted) squared error."""
-        u = grid.affine_codes(w, s[:, None], m[:, None])
-        if self.objective.p != 2:
-            e = (s[:, None] * u + m[:, None] - w).abs()
-            c = c * e.clamp_min(1e-12 * s[:, None]).pow(self.objective.p - 2)
-        a, b, n = (c * u * u).sum(1), (c * u).sum(1), c.sum(1)
-        d, e = (c * u * w).sum(1), (c * w).sum(1)
-        det = a * n - b * b
-        ok = det > 1e-12 * (a * n).clamp_min(1e-30)
-        s_new = (n * d - b * e) / torch.where(ok, det, 1.0)
-        m_new = (a * e - b * d) / torch.where(ok, det, 1.0)
-        ok &= s_new > 0
-        return torch.where(ok, s_new, s), torch.where(ok, m_new, m)
 
 
 SOLVERS: dict[str, type[RangeSolver]] = {

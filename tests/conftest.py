@@ -15,15 +15,24 @@ from easyquant.qweight import QuantizedWeight
 EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23}
 
 
-def check(y: torch.Tensor, x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+def check(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    qw: QuantizedWeight,
+    bias: torch.Tensor | None = None,
+    slack: torch.Tensor | None = None,
+) -> None:
     """Each output within the rounding of the activations' dtype (weights and output) plus fp32
     accumulation over K terms, measured on sum |x| |w|, from the exact product with the
-    dequantized weight: a misplaced code or outlier breaks it, most sharply in fp32."""
+    dequantized weight: a misplaced code or outlier breaks it, most sharply in fp32. ``slack``:
+    a further absolute error per weight that the kernel is allowed (``(rows, cols)``)."""
     w = qw.dequantize(torch.float32)
     ref = x.double() @ w.double().T + (0 if bias is None else bias.double())
     size = x.double().abs() @ w.double().abs().T + ref.abs()
     subnormal_step = torch.finfo(x.dtype).smallest_normal * EPS[x.dtype]
     bound = (2 * EPS[x.dtype] + x.shape[-1] * EPS[torch.float32]) * size + subnormal_step
+    if slack is not None:
+        bound = bound + x.double().abs() @ slack.double().T
     assert y.dtype == x.dtype and y.shape == ref.shape
     excess = ((y.double() - ref).abs() - bound).max().item() if y.numel() else -1
     assert excess <= 0, f"kernel output off by more than the rounding bound ({excess:.3g})"

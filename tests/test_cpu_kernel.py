@@ -56,7 +56,16 @@ def test_matches_dequantize(rows, blocks, group, batch, n_sigma, bits, seed, asy
     kernel_group = kernel_group_of(qw)
     assert kernel_group in ck.KERNEL_GROUPS and cols % kernel_group == 0 and qw.group_size % kernel_group == 0
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(seed)).bfloat16()
-    check(ck.matmul(x, ck.repack(qw)), x, qw)
+    check(ck.matmul(x, ck.repack(qw)), x, qw, slack=zero_rounding(qw))
+
+
+def zero_rounding(qw) -> torch.Tensor | None:
+    """A 4-bit asymmetric weight's zero point reaches the kernel as ``s * (8 - z)`` in bf16: within
+    2^-9 of it, on every weight of the group (2- and 3-bit ones are re-centred exactly)."""
+    if not qw.asymmetric or qw.bits < 4:
+        return None
+    zero = (qw.scales.float() * (8 - qw.zeros.float())).abs() * 2**-8
+    return zero.repeat_interleave(qw.group_size, dim=1)[:, : qw.shape[1]]
 
 
 def test_crowded_outlier_rows_and_bias():
