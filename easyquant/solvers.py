@@ -129,18 +129,31 @@ class Search(RangeSolver):
 
     def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
         best = _scale_best(w, c, grid, self.objective, s0)
-        shrinks = torch.linspace(self.min_shrink, 1, self.coarse, dtype=s0.dtype, device=s0.device)
-        coarse = torch.stack([best.consider(s0 * t) for t in shrinks])
-        step = (1 - self.min_shrink) / max(self.coarse - 1, 1)
-        # The `basins` best coarse points: two near-equal basins are common at 3 bits.
-        centres = shrinks[coarse.topk(min(self.basins, self.coarse), dim=0, largest=False).indices]
-        offsets = torch.linspace(-step, step, self.fine + 2)[1:-1].tolist()
-        for centre in centres:
-            for u in offsets:
-                best.consider(s0 * (centre + u))
+        _scan(best, lambda t: (s0 * t,), s0, self.coarse, self.min_shrink, self.basins, self.fine)
         for _ in range(self.refine):
             best.consider(_fit_scale(w, c, best.s, grid.codes(w, best.s[:, None]), self.objective.p))
         return best.s
+
+
+def _scan(
+    best: _Best,
+    candidate: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+    like: torch.Tensor,
+    coarse: int,
+    min_shrink: float,
+    basins: int,
+    fine: int,
+) -> None:
+    """Offer ``best`` the candidates of ``coarse`` shrink factors from ``min_shrink`` to 1, then
+    ``fine`` more around each row's ``basins`` best (two near-equal basins are common at 3 bits)."""
+    shrinks = torch.linspace(min_shrink, 1, coarse, dtype=like.dtype, device=like.device)
+    losses = torch.stack([best.consider(*candidate(t)) for t in shrinks])
+    step = (1 - min_shrink) / max(coarse - 1, 1)
+    centres = shrinks[losses.topk(min(basins, coarse), dim=0, largest=False).indices]
+    offsets = torch.linspace(-step, step, fine + 2)[1:-1].tolist()
+    for centre in centres:
+        for u in offsets:
+            best.consider(*candidate(centre + u))
 
 
 def _fit_scale(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, q: torch.Tensor, p: float) -> torch.Tensor:
@@ -186,18 +199,11 @@ class AffineSearch:
         lo = torch.where(c > 0, w, zero).amin(dim=1).clamp_max(0)
         mid = lo + s0 * grid.top / 2
 
-        def shrunk(t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        def shrunk(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             s = to_fp16_grid(s0 * t)
             return s, zero_point(mid - s * grid.top / 2, s, grid)
 
-        shrinks = torch.linspace(self.min_shrink, 1, self.coarse).tolist()
-        coarse = torch.stack([best.consider(*shrunk(t)) for t in shrinks])
-        step = (1 - self.min_shrink) / max(self.coarse - 1, 1)
-        centres = torch.tensor(shrinks)[coarse.topk(min(self.basins, self.coarse), dim=0, largest=False).indices]
-        for centre in centres:
-            for u in torch.linspace(-step, step, self.fine + 2)[1:-1].tolist():
-                s = to_fp16_grid(s0 * (centre.to(s0) + u))
-                best.consider(s, zero_point(mid - s * grid.top / 2, s, grid))
+        _scan(best, shrunk, s0, self.coarse, self.min_shrink, self.basins, self.fine)
         for _ in range(self.refine):
             s, z = best.params
             for dz in (-1, 1):

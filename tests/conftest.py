@@ -38,6 +38,11 @@ def check(
     assert excess <= 0, f"kernel output off by more than the rounding bound ({excess:.3g})"
 
 
+def per_weight(t: torch.Tensor, group: int, cols: int) -> torch.Tensor:
+    """Per-group values ``(rows, groups)`` spread over each group's columns, in fp32."""
+    return t.float().repeat_interleave(group, dim=1)[:, :cols]
+
+
 def heavy_tailed(rows: int, cols: int, seed: int = 0, df: float = 4.0, scale: float = 0.02) -> torch.Tensor:
     """Student-t weights: a heavy tail like real LLM weights, so n-sigma finds outliers."""
     g = torch.Generator().manual_seed(seed)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import easyquant  # noqa: F401  (registers the loader)
-from conftest import heavy_tailed, tiny_model
+from conftest import heavy_tailed, per_weight, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
 from easyquant.grid import Grid, min_max, zero_point
 from easyquant.groups import to_groups
@@ -23,10 +23,6 @@ from easyquant.nn import EasyQuantLinear
 from easyquant.objective import Objective
 from easyquant.pipeline import FORMAT_VERSION, quantize_model
 from easyquant.solvers import AffineSearch, _fit_scale
-
-
-def expand(t: torch.Tensor, group: int, cols: int) -> torch.Tensor:
-    return t.float().repeat_interleave(group, dim=1)[:, :cols]
 
 
 @pytest.mark.filterwarnings("ignore:.*outliers")
@@ -54,7 +50,7 @@ def test_codes_zero_points_and_exact_outliers(bits, rows, cols, group, solver, n
     assert q.asymmetric and q.zeros.shape == q.scales.shape and q.zeros.dtype == torch.uint8
     assert bool((q.scales > 0).all()) and int(q.zeros.max()) <= Grid(bits).top
     gs = q.group_size
-    s, z, u = expand(q.scales, gs, cols), expand(q.zeros, gs, cols), q.codes().float()
+    s, z, u = per_weight(q.scales, gs, cols), per_weight(q.zeros, gs, cols), q.codes().float()
     deq = q.dequantize(torch.float32)
     outlier = torch.zeros_like(w, dtype=torch.bool)
     outlier[q.outlier_rows(), q.outlier_cols.long()] = True

@@ -11,7 +11,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import check, heavy_tailed, tiny_model
+from conftest import check, heavy_tailed, per_weight, tiny_model
 from easyquant import QuantConfig, quantize_weight
 from easyquant import cpu_kernel as ck
 from easyquant.nn import CPU_INT4_MAX_ROWS, EasyQuantLinear
@@ -64,8 +64,7 @@ def zero_rounding(qw) -> torch.Tensor | None:
     2^-9 of it, on every weight of the group (2- and 3-bit ones are re-centred exactly)."""
     if not qw.asymmetric or qw.bits < 4:
         return None
-    zero = (qw.scales.float() * (8 - qw.zeros.float())).abs() * 2**-8
-    return zero.repeat_interleave(qw.group_size, dim=1)[:, : qw.shape[1]]
+    return per_weight((qw.scales.float() * (8 - qw.zeros.float())).abs() * 2**-8, qw.group_size, qw.shape[1])
 
 
 def test_crowded_outlier_rows_and_bias():

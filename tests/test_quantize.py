@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import heavy_tailed
+from conftest import heavy_tailed, per_weight
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
 from easyquant.grid import Grid
 from easyquant.groups import from_groups, to_groups
@@ -12,7 +12,7 @@ from easyquant.qweight import index_dtype
 
 
 def expanded_scales(q):
-    return q.scales.float().repeat_interleave(q.group_size, dim=1)[:, : q.shape[1]]
+    return per_weight(q.scales, q.group_size, q.shape[1])
 
 
 @pytest.mark.filterwarnings("ignore:.*outliers")
@@ -110,7 +110,7 @@ def test_index_dtype_is_narrowest():
 DIGEST = """
 import hashlib, sys, torch
 sys.path.insert(0, "tests")
-from conftest import heavy_tailed
+from conftest import heavy_tailed, per_weight
 from easyquant import QuantConfig, quantize_weight
 qw = quantize_weight(heavy_tailed(96, 200, seed=1), QuantConfig(bits=3, group_size=32, solver=sys.argv[1]))
 print(hashlib.sha256(b"".join(t.numpy().tobytes() for t in qw.tensors().values())).hexdigest())
