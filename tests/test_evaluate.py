@@ -94,6 +94,13 @@ def test_compare_table(tmp_path):
     size = next(r.size_mib for r in rows if (r.method, r.bits) == ("easyquant", 4))
     assert abs(size * 2**20 - stored) < 1 and size < fp.size_mib
 
+    # Untimed, each method quantizes the model itself and restores it: the same rows, the model intact.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, untimed = compare(model, windows(), windows(n=4, seed=1), ["rtn", "easyquant", "gptq"], [4, 3], gen_tokens=0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    same = {(r.method, r.bits): r.kl_mean for r in untimed}
+    assert all(same[key] == kl[key] for key in same)
+
 
 def test_compare_counts_experts(tmp_path):
     """On a mixture of experts the weight-by-weight methods quantize every expert (the size is
