@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .evaluate import Reference, evaluate, generation_speed
 from .gptq import gptq_model
 from .nn import swap_in_quantized
-from .peers import hqq_quantize
+from .peers import hqq_quantize, sinq_quantize
 from .pipeline import MIN_QUANTIZED_SHARE
 from .plots import save_plot
 from .quantize import QuantConfig, quantize_weight
@@ -90,6 +90,10 @@ def hqq_method(group_size: int) -> Method:
     return _per_layer(lambda name, w, bits: (*hqq_quantize(w, bits, group_size), 0, None))
 
 
+def sinq_method(group_size: int) -> Method:
+    return _per_layer(lambda name, w, bits: (*sinq_quantize(w, bits, group_size), 0, None))
+
+
 def gptq_method(group_size: int | None) -> Method:
     def run(model: nn.Module, linears: Linears, bits: int, calib: torch.Tensor) -> Quantized:
         gptq_model(model, linears, calib, bits, group_size)
@@ -106,6 +110,8 @@ METHODS: dict[str, Method] = {
     "rtn-mse": easyquant_method(solver="mse", n_sigma=None),
     "hqq-g64": hqq_method(64),
     "hqq-g128": hqq_method(128),
+    "sinq-g64": sinq_method(64),
+    "sinq-g128": sinq_method(128),
     "paper": easyquant_method(solver="paper"),
     "easyquant": easyquant_method(),
     "easyquant-g128": easyquant_method(group_size=128, n_sigma=4.0),
