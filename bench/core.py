@@ -22,13 +22,16 @@ from pathlib import Path
 import torch
 
 from easyquant import QuantConfig, quantize_weight
+from easyquant.compare import PER_CHANNEL
 from easyquant.peers import hqq_quantize
 
 Method = Callable[[torch.Tensor], tuple[torch.Tensor, float, float]]
 
 
 def ours(**kw) -> Method:
-    cfg = QuantConfig(**kw)
+    """easyquant with ``kw``; rows that name no shape of their own take the paper's per-channel one
+    except the default's row, which names only its bits."""
+    cfg = QuantConfig(**kw) if set(kw) == {"bits"} else QuantConfig(**PER_CHANNEL | kw)
 
     def run(w: torch.Tensor) -> tuple[torch.Tensor, float, float]:
         q = quantize_weight(w, cfg)
@@ -47,6 +50,7 @@ def hqq(bits: int, group: int) -> Method:
 
 def methods(bits: int) -> dict[str, Method]:
     return {
+        "easyquant default (g64, n=4, column scales)": ours(bits=bits),
         "rtn": ours(bits=bits, solver="rtn", n_sigma=None),
         "rtn-mse (GPTQ grid)": ours(bits=bits, solver="mse", n_sigma=None),
         "paper (n=3, Adam)": ours(bits=bits, solver="paper"),

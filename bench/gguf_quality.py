@@ -26,6 +26,7 @@ from workloads import format_table, quiet_transformers, trial_meta, write_report
 
 from easyquant import QuantConfig
 from easyquant.assets import news_text, smollm2_gguf
+from easyquant.compare import PER_CHANNEL
 from easyquant.evaluate import Reference, evaluate, read_text, token_windows
 from easyquant.ggml_blocks import Q8_0
 from easyquant.gguf_export import Layout, export_gguf
@@ -34,10 +35,10 @@ from easyquant.pipeline import quantize_model
 from easyquant.source import source_note
 
 RECIPES = {
-    "easyquant per channel, 3 sigma outliers (default)": QuantConfig(),
-    "easyquant g32, 3 sigma outliers": QuantConfig(group_size=32),
-    "easyquant g32, no outliers": QuantConfig(group_size=32, n_sigma=None),
-    "easyquant g32, no outliers, p=2": QuantConfig(group_size=32, n_sigma=None, p=2.0),
+    "easyquant per channel, 3 sigma outliers": QuantConfig(**PER_CHANNEL),
+    "easyquant g32, 3 sigma outliers": QuantConfig(**PER_CHANNEL | {"group_size": 32}),
+    "easyquant g32, no outliers": QuantConfig(**PER_CHANNEL | {"group_size": 32, "n_sigma": None}),
+    "easyquant g32, no outliers, p=2": QuantConfig(**PER_CHANNEL | {"group_size": 32, "n_sigma": None, "p": 2.0}),
 }
 
 

@@ -32,6 +32,7 @@ from workloads import format_table, quiet_transformers, trial_meta, write_report
 
 from easyquant import QuantConfig
 from easyquant.assets import news_text, smollm2_gguf
+from easyquant.compare import PER_CHANNEL
 from easyquant.evaluate import read_text
 from easyquant.gguf_export import export_gguf
 from easyquant.models import load_causal_lm
@@ -92,8 +93,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = {"reference (the Q4_1 GGUF itself)": src}
-        for name, config in {"easyquant g32, no outliers: export": QuantConfig(group_size=32, n_sigma=None),
-                             "easyquant default (per channel, outliers): export": QuantConfig()}.items():  # fmt: skip
+        exports = {
+            "easyquant g32, no outliers: export": QuantConfig(group_size=32, n_sigma=None, col_scale=False),
+            "easyquant per channel, outliers: export": QuantConfig(**PER_CHANNEL),
+        }
+        for name, config in exports.items():
             ckpt = tmp / f"ckpt{len(files)}"
             quantize_model(src, ckpt, config, progress=False)
             files[name] = export_gguf(ckpt, tmp / f"{len(files)}.gguf", tokenizer_from=src, progress=False).path

@@ -52,7 +52,7 @@ def synthetic(
 def quantize_blocks(model: torch.nn.Module) -> None:
     """Swap the model's block linears for 4-bit per-channel ``EasyQuantLinear`` (n-sigma 3
     outliers, ``rtn`` range: the decode benchmarks' quantized model; the solver changes no speed)."""
-    config = QuantConfig(bits=4, solver="rtn")
+    config = QuantConfig(bits=4, solver="rtn", group_size=None, n_sigma=3.0, col_scale=False)
     swap_in_quantized(model, {n: quantize_weight(lin.weight.data, config, name=n) for n, lin in block_linears(model)})
 
 

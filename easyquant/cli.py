@@ -19,8 +19,9 @@ DTYPES = ("bfloat16", "float32", "float16")
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=4, help="2 to 8 (default 4)")
-    p.add_argument("--group-size", type=int, default=None, help="columns per scale; default: one scale per row")
-    p.add_argument("--n-sigma", type=float, default=3.0, help="outlier threshold in standard deviations (default 3)")
+    p.add_argument("--group-size", type=int, default=64, help="columns per scale (default 64)")
+    p.add_argument("--per-channel", action="store_true", help="one scale per row instead of groups")
+    p.add_argument("--n-sigma", type=float, default=4.0, help="outlier threshold in standard deviations (default 4)")
     p.add_argument("--no-outliers", action="store_true", help="keep no fp16 outliers")
     p.add_argument("--outlier-scope", choices=["tensor", "row"], default="tensor")
     p.add_argument("--solver", choices=list(SOLVERS), default="search", help="range solver (default search)")
@@ -33,14 +34,21 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--asymmetric",
         action="store_true",
-        help="an fp16 zero per row or group beside the scale (solver search or rtn)",
+        help="an integer zero point per row or group beside the scale (solver search or rtn)",
+    )
+    p.add_argument(
+        "--col-scale",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="dual-axis scaling: an fp16 scale per input column (Sinkhorn-normalised), applied to the activations "
+        "(default on; --no-col-scale for GGUF export)",
     )
 
 
 def _config(a: argparse.Namespace) -> QuantConfig:
     return QuantConfig(
         bits=a.bits,
-        group_size=a.group_size,
+        group_size=None if a.per_channel else a.group_size,
         n_sigma=None if a.no_outliers else a.n_sigma,
         outlier_scope=a.outlier_scope,
         solver=a.solver,
@@ -49,6 +57,7 @@ def _config(a: argparse.Namespace) -> QuantConfig:
         steps=a.adam_steps,
         orient=not a.no_orient,
         asymmetric=a.asymmetric,
+        col_scale=a.col_scale,
     )
 
 

@@ -105,21 +105,25 @@ def gptq_method(group_size: int | None) -> Method:
     return run
 
 
+# The paper's shape: one scale per output row, outliers past 3 sigma, no column scales.
+PER_CHANNEL = {"group_size": None, "n_sigma": 3.0, "col_scale": False}
 METHODS: dict[str, Method] = {
-    "rtn": easyquant_method(solver="rtn", n_sigma=None),
-    "rtn-mse": easyquant_method(solver="mse", n_sigma=None),
+    "rtn": easyquant_method(**PER_CHANNEL | {"solver": "rtn", "n_sigma": None}),
+    "rtn-mse": easyquant_method(**PER_CHANNEL | {"solver": "mse", "n_sigma": None}),
     "hqq-g64": hqq_method(64),
     "hqq-g128": hqq_method(128),
     "sinq-g64": sinq_method(64),
     "sinq-g128": sinq_method(128),
-    "paper": easyquant_method(solver="paper"),
-    "easyquant": easyquant_method(),
-    "easyquant-g128": easyquant_method(group_size=128, n_sigma=4.0),
-    "easyquant-g64": easyquant_method(group_size=64, n_sigma=4.0),
+    "paper": easyquant_method(**PER_CHANNEL | {"solver": "paper"}),
+    "easyquant-channel": easyquant_method(**PER_CHANNEL),  # the paper's shape with easyquant's solver
+    "easyquant": easyquant_method(),  # the defaults: groups of 64, 4 sigma, column scales
+    "easyquant-g128": easyquant_method(group_size=128),
     "gptq": gptq_method(None),
     "gptq-g128": gptq_method(128),
 }
-DEFAULT_METHODS = ("rtn", "rtn-mse", "hqq-g64", "hqq-g128", "paper", "easyquant", "easyquant-g128", "gptq")
+DEFAULT_METHODS = (
+    "rtn", "rtn-mse", "hqq-g64", "hqq-g128", "sinq-g64", "sinq-g128", "paper", "easyquant", "easyquant-g128", "gptq"
+)  # fmt: skip
 
 
 def _value(text: str) -> object:

@@ -11,9 +11,10 @@ with zero 0 up to 3 bits, exactly; at 4 bits its ``u`` with ``zero = s * (8 - z)
 to bf16, within 2^-9 of it): :func:`repack` writes the codes once in the kernel's
 layout (4 bits each, also for 2- and 3-bit weights) and repeats each scale over the kernel's
 groups; outliers, which add to the dense part, are one fp32 sparse CSR matrix, multiplied by
-torch's sparse kernel (MKL) and added once. The kernel takes bf16 scales: an fp16 scale
-rounds to bf16 (a relative change below 2^-8, as every weight's is when a dequantized weight
-is cast to bf16).
+torch's sparse kernel (MKL) and added once. A dual-axis weight's column scales multiply
+the activations of the dense product (rounded to bf16 once), not the outliers'. The kernel
+takes bf16 scales: an fp16 scale rounds to bf16 (a relative change below 2^-8, as every
+weight's is when a dequantized weight is cast to bf16).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Int4Weight:
     group: int
     scales_and_zeros: torch.Tensor  # bf16 (in_features / group, out_features, 2)
     outliers: torch.Tensor | None  # fp32 sparse CSR (out_features, in_features)
+    col_scales: torch.Tensor | None = None  # fp32 (in_features,): the dense part takes x * col_scales
 
 
 def supported() -> bool:
@@ -85,13 +87,15 @@ def repack(qw: QuantizedWeight) -> Int4Weight:
         group,
         torch.stack([scales, zeros], dim=-1).to(torch.bfloat16).contiguous(),
         outliers,
+        None if qw.col_scales is None else qw.col_scales.float(),
     )
 
 
 def matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for bf16 ``x`` of any leading shape."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch._weight_int4pack_mm_for_cpu(x2, w.packed, w.group, w.scales_and_zeros)
+    xd = x2 if w.col_scales is None else (x2.float() * w.col_scales).to(x2.dtype)
+    y = torch._weight_int4pack_mm_for_cpu(xd, w.packed, w.group, w.scales_and_zeros)
     if w.outliers is not None:
         y += (w.outliers @ x2.t().float()).t()
     if bias is not None:

@@ -114,7 +114,7 @@ def best_blocks(x: torch.Tensor, kind: BlockType, kept: Block | None = None) -> 
     onto them (an outlier clipped to the grid's end, the other 31 weights exact). The default
     objective (p = 3), not the squared error, because it keeps the large weights that matter
     most: on SmolLM2, p = 2 here lowered the weight error and raised the model's KL divergence."""
-    config = QuantConfig(bits=kind.bits, n_sigma=None, asymmetric=kind.affine)
+    config = QuantConfig(bits=kind.bits, group_size=None, n_sigma=None, asymmetric=kind.affine, col_scale=False)
     qw = quantize_weight(x.float(), config)
     new = (qw.codes(), qw.scales[:, 0], None if qw.zeros is None else _minimum(qw.scales, qw.zeros)[:, 0])
     if kept is None:

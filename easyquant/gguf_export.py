@@ -278,6 +278,11 @@ def _checkpoint(ckpt: Path):
     qconfig = EasyQuantConfig(**{k: v for k, v in qcfg.items() if k != "quant_method"})
     if any(isinstance(m["outliers"], dict) for m in qconfig.modules.values()):
         raise EasyQuantError(f"{ckpt}: mixture-of-experts checkpoints cannot be exported to GGUF yet")
+    if qconfig.col_scale:
+        raise EasyQuantError(
+            f"{ckpt}: dual-axis weights (col_scale) have a scale per input column, which GGUF's blocks cannot hold; "
+            "quantize without --col-scale to export"
+        )
     cfg = AutoConfig.from_pretrained(ckpt)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)

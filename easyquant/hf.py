@@ -29,7 +29,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import EasyQuantError
 from .nn import EasyQuantExperts, EasyQuantLinear, tensor_names
-from .pipeline import FORMAT_VERSION
+from .pipeline import FORMAT_VERSION, format_version
 from .quantize import QuantConfig
 from .source import DTYPE_OF
 from .st_io import read_header
@@ -76,7 +76,8 @@ class EasyQuantConfig(QuantizationConfigMixin):
         if version > FORMAT_VERSION:
             raise EasyQuantError(f"this checkpoint has easyquant format {version}; upgrade easyquant to read it")
         try:
-            settings = QuantConfig(**{k: kwargs[k] for k in SETTINGS if k in kwargs})
+            # a setting a checkpoint does not record is one its format predates: not used
+            settings = QuantConfig(**{"col_scale": False} | {k: kwargs[k] for k in SETTINGS if k in kwargs})
         except (TypeError, ValueError) as e:
             raise EasyQuantError(f"quantization_config: {e}") from None
         modules = kwargs["modules"]
@@ -93,10 +94,12 @@ class EasyQuantConfig(QuantizationConfigMixin):
                 raise EasyQuantError(f"quantization_config: {key} must be a list of patterns")
         self.quant_method = METHOD
         self.format_version = version
-        if settings.asymmetric and version < 2:
-            raise EasyQuantError("quantization_config: asymmetric weights need format_version 2 or later")
+        if version < format_version(settings):
+            raise EasyQuantError(
+                f"quantization_config: these settings need format_version {format_version(settings)} or later"
+            )
         self.bits, self.group_size, self.modules = settings.bits, settings.group_size, modules
-        self.asymmetric = settings.asymmetric
+        self.asymmetric, self.col_scale = settings.asymmetric, settings.col_scale
         self.settings = {k: kwargs[k] for k in (*SETTINGS, "skip", "include") if k in kwargs}
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,7 +152,16 @@ def replace_linears(model: nn.Module, qconfig: EasyQuantConfig, dtype: torch.dty
                 f"quantization_config: module {module!r} lists {outliers} outliers, more than its {rows}x{cols} weights"
             )
         return EasyQuantLinear(
-            cols, rows, bias, qconfig.bits, qconfig.group_size or cols, outliers, dtype, device, qconfig.asymmetric
+            cols,
+            rows,
+            bias,
+            qconfig.bits,
+            qconfig.group_size or cols,
+            outliers,
+            dtype,
+            device,
+            qconfig.asymmetric,
+            qconfig.col_scale,
         )
 
     for module, info in qconfig.modules.items():
@@ -230,7 +242,7 @@ def verify_files(model: nn.Module, qconfig: EasyQuantConfig, files: list[Path]) 
                     f"{path}: tensor {key} is {dtype} {list(shape)}, expected "
                     f"{want or 'a float'} {list(param.shape)} for this module"
                 )
-    unlisted = sorted(k for k in headers if k.rsplit(".", 1)[-1] in tensor_names(True) and k not in expected)
+    unlisted = sorted(k for k in headers if k.rsplit(".", 1)[-1] in tensor_names(True, True) and k not in expected)
     if unlisted:
         raise EasyQuantError(f"the checkpoint holds {unlisted[0]}, of a module its quantization_config does not list")
     for key, (path, dtype, shape) in headers.items():

@@ -352,8 +352,8 @@ if triton is not None:
 
     @triton.jit
     def _dequantize_kernel(
-        w_ptr, packed_ptr, scales_ptr, zeros_ptr, N, K, row_stride, n_groups,
-        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+        w_ptr, packed_ptr, scales_ptr, zeros_ptr, col_ptr, N, K, row_stride, n_groups,
+        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_COLS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr,
     ):  # fmt: skip
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -368,6 +368,8 @@ if triton is not None:
             w = (codes.to(tl.float32) - z) * s
         else:
             w = (codes - (1 << (BITS - 1))).to(tl.float32) * s
+        if HAS_COLS:
+            w = w * tl.load(col_ptr + rk, mask=k_mask, other=0).to(tl.float32)[None, :]
         tl.store(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
@@ -409,6 +411,13 @@ def _packed_rows(qw: QuantizedWeight, block_k: int) -> tuple[torch.Tensor, int, 
     return qw.packed, row_bytes, False
 
 
+def _outliers(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outlier columns and values arguments; with no outliers, stand-ins (never read): an
+    empty tensor loaded from safetensors can sit at another tensor's address, which Triton's
+    interpreter then copies over."""
+    return (qw.outlier_cols, qw.outlier_values) if qw.outlier_count else (qw.outlier_rowptr, qw.scales)
+
+
 def _zeros(qw: QuantizedWeight) -> torch.Tensor:
     """The zeros argument of the kernels: the scales stand in (unread) for a symmetric weight."""
     return qw.scales if qw.zeros is None else qw.zeros
@@ -422,9 +431,10 @@ def plan_dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tens
     packed, row_stride, words = _packed_rows(qw, block_k)
     launch = Launch(
         _dequantize_kernel, (_cdiv(n, block_n), _cdiv(k, block_k)),
-        (w, packed, qw.scales, _zeros(qw), n, k, row_stride, qw.scales.shape[1]),
-        dict(BITS=qw.bits, GROUP=qw.group_size, HAS_ZEROS=qw.asymmetric, BLOCK_N=block_n, BLOCK_K=block_k,
-             WORDS=words),
+        (w, packed, qw.scales, _zeros(qw), qw.scales if qw.col_scales is None else qw.col_scales, n, k, row_stride,
+         qw.scales.shape[1]),
+        dict(BITS=qw.bits, GROUP=qw.group_size, HAS_ZEROS=qw.asymmetric, HAS_COLS=qw.col_scales is not None,
+             BLOCK_N=block_n, BLOCK_K=block_k, WORDS=words),
     )  # fmt: skip
     return w, launch
 
@@ -446,7 +456,9 @@ def plan_qmatmul(
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[Launch]]:
     """The ``(rows, out)`` output buffer of :func:`qmatmul` and the launches that fill it:
-    the tiled matmul (bias included), then (``"balanced"`` outliers) the outlier kernel."""
+    the tiled matmul (bias included), then (``"balanced"`` outliers) the outlier kernel. A
+    dual-axis weight's dense part multiplies the column-scaled activations ``x * col_scales``
+    and its outliers ``x`` itself, so they always take the outlier kernel."""
     n, k = qw.shape
     if x.shape[-1] != k:
         raise EasyQuantError(f"activations have {x.shape[-1]} features, the weight expects {k}")
@@ -459,7 +471,8 @@ def plan_qmatmul(
         x2 = x2.contiguous()
     m = x2.shape[0]
     cfg = config or default_config(m, n, k, multiprocessors(x.device), outliers, qw.group_size)
-    balanced = cfg.outliers == "balanced" and qw.outlier_count > 0
+    balanced = (cfg.outliers == "balanced" or qw.col_scales is not None) and qw.outlier_count > 0
+    xd = x2 if qw.col_scales is None else (x2.float() * qw.col_scales.float()).to(x.dtype)
     atomic = cfg.split_k > 1
     if atomic:
         y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
@@ -473,9 +486,9 @@ def plan_qmatmul(
     packed, row_stride, words = _packed_rows(qw, cfg.block_k)
     launches = [Launch(
         _qmatmul_kernel, (_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n), cfg.split_k),
-        (x2, y, packed, qw.scales, _zeros(qw), qw.outlier_rowptr, qw.outlier_cols, qw.outlier_values,
-         x2 if bias is None else bias.contiguous(),
-         m, n, k, x2.stride(0), y.stride(0), row_stride, qw.scales.shape[1]),
+        (xd, y, packed, qw.scales, _zeros(qw), qw.outlier_rowptr, *_outliers(qw),
+         xd if bias is None else bias.contiguous(),
+         m, n, k, xd.stride(0), y.stride(0), row_stride, qw.scales.shape[1]),
         dict(BITS=qw.bits, GROUP=qw.group_size, PER_ROW=qw.scales.shape[1] == 1,
              HAS_ZEROS=qw.asymmetric, HAS_OUTLIERS=qw.outlier_count > 0 and not balanced,
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_NNZ=cfg.block_nnz,

@@ -35,9 +35,10 @@ KERNEL_MAX_ROWS = 128
 CPU_INT4_MAX_ROWS = 128
 
 
-def tensor_names(asymmetric: bool) -> tuple[str, ...]:
-    """The quantized tensors of a module, in :class:`QuantizedWeight`'s order: ``zeros`` last, if asymmetric."""
-    return (*QUANTIZED_TENSORS, "zeros") if asymmetric else QUANTIZED_TENSORS
+def tensor_names(asymmetric: bool, col_scale: bool = False) -> tuple[str, ...]:
+    """The quantized tensors of a module, in :class:`QuantizedWeight`'s order: then ``zeros`` if
+    asymmetric, then ``col_scales`` if dual-axis."""
+    return QUANTIZED_TENSORS + ("zeros",) * asymmetric + ("col_scales",) * col_scale
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -58,9 +59,10 @@ class EasyQuantLinear(nn.Module):
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
         asymmetric: bool = False,
+        col_scale: bool = False,
     ):
         super().__init__()
-        self.asymmetric = asymmetric
+        self.asymmetric, self.col_scale = asymmetric, col_scale
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.dtype = bits, min(group_size, in_features), dtype
         self._view: tuple[tuple[nn.Parameter, ...], QuantizedWeight] | None = None  # see quantized_weight()
@@ -75,6 +77,7 @@ class EasyQuantLinear(nn.Module):
         self.outlier_cols = _frozen(torch.zeros(outliers, dtype=index_dtype(in_features), **kw))
         self.outlier_values = _frozen(torch.zeros(outliers, dtype=torch.float16, **kw))
         self.zeros = _frozen(torch.zeros_like(self.scales, dtype=torch.uint8)) if asymmetric else None
+        self.col_scales = _frozen(torch.ones(in_features, dtype=torch.float16, **kw)) if col_scale else None
         self.bias = _frozen(torch.zeros(out_features, dtype=dtype, **kw)) if bias else None
         self.register_load_state_dict_pre_hook(EasyQuantLinear._check_incoming)
 
@@ -110,6 +113,7 @@ class EasyQuantLinear(nn.Module):
             qw.dtype,
             qw.packed.device,
             qw.asymmetric,
+            qw.col_scales is not None,
         )
         for name, t in qw.tensors().items():
             getattr(mod, name).data = t
@@ -128,11 +132,12 @@ class EasyQuantLinear(nn.Module):
 
     @property
     def tensor_names(self) -> tuple[str, ...]:
-        return tensor_names(self.asymmetric)
+        return tensor_names(self.asymmetric, self.col_scale)
 
     def _weight(self, tensors: tuple[torch.Tensor, ...]) -> QuantizedWeight:
         shape = (self.out_features, self.in_features)
-        return QuantizedWeight(*tensors[:5], self.bits, self.group_size, shape, self.dtype, *tensors[5:])
+        extra = dict(zip(self.tensor_names[5:], tensors[5:], strict=True))
+        return QuantizedWeight(*tensors[:5], self.bits, self.group_size, shape, self.dtype, **extra)
 
     def int4_weight(self) -> cpu_kernel.Int4Weight:
         """The weight in the CPU int4 kernel's layout, made on first use and again whenever a
@@ -175,7 +180,7 @@ class EasyQuantLinear(nn.Module):
         if path == "int4":
             return cpu_kernel.matmul(x, self.int4_weight(), self.bias)
         if path != "torch" and torch.compiler.is_compiling():  # one opaque op for torch.compile
-            tensors = [self._parameters[name] for name in QUANTIZED_TENSORS] + [self.zeros]
+            tensors = [self._parameters[name] for name in QUANTIZED_TENSORS] + [self.zeros, self.col_scales]
             if path == "fused":
                 return ops.qmatmul(x, *tensors, self.bias, self.bits, self.group_size, self.out_features)
             w = ops.dequantize(*tensors, self.bits, self.group_size, self.in_features, x.dtype)
@@ -191,6 +196,7 @@ class EasyQuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, outliers={self.outlier_values.numel()}, bias={self.bias is not None}"
             + (", asymmetric=True" if self.asymmetric else "")
+            + (", col_scale=True" if self.col_scale else "")
         )
 
 

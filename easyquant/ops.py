@@ -32,9 +32,10 @@ def outlier_mode(qw: QuantizedWeight) -> str:
     return mode
 
 
-def _weight(packed, scales, rowptr, cols, values, zeros, bits, group_size, out_features, in_features, dtype):
+def _weight(packed, scales, rowptr, cols, values, zeros, col_scales, bits, group_size, out_features, in_features,
+            dtype):  # fmt: skip
     shape = (out_features, in_features)
-    return QuantizedWeight(packed, scales, rowptr, cols, values, bits, group_size, shape, dtype, zeros)
+    return QuantizedWeight(packed, scales, rowptr, cols, values, bits, group_size, shape, dtype, zeros, col_scales)
 
 
 def _qmatmul(
@@ -45,13 +46,16 @@ def _qmatmul(
     cols: torch.Tensor,
     values: torch.Tensor,
     zeros: torch.Tensor | None,
+    col_scales: torch.Tensor | None,
     bias: torch.Tensor | None,
     bits: int,
     group_size: int,
     out_features: int,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` through :func:`easyquant.kernel.qmatmul`."""
-    qw = _weight(packed, scales, rowptr, cols, values, zeros, bits, group_size, out_features, x.shape[-1], x.dtype)
+    qw = _weight(
+        packed, scales, rowptr, cols, values, zeros, col_scales, bits, group_size, out_features, x.shape[-1], x.dtype
+    )
     return kernel.qmatmul(x, qw, bias, outliers=outlier_mode(qw))
 
 
@@ -59,7 +63,7 @@ qmatmul = torch.library.custom_op("easyquant::qmatmul", _qmatmul, mutates_args=(
 
 
 @qmatmul.register_fake
-def _(x, packed, scales, rowptr, cols, values, zeros, bias, bits, group_size, out_features):
+def _(x, packed, scales, rowptr, cols, values, zeros, col_scales, bias, bits, group_size, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -70,13 +74,16 @@ def _dequantize(
     cols: torch.Tensor,
     values: torch.Tensor,
     zeros: torch.Tensor | None,
+    col_scales: torch.Tensor | None,
     bits: int,
     group_size: int,
     in_features: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """The dense weight, through :func:`easyquant.kernel.dequantize`."""
-    qw = _weight(packed, scales, rowptr, cols, values, zeros, bits, group_size, packed.shape[0], in_features, dtype)
+    qw = _weight(
+        packed, scales, rowptr, cols, values, zeros, col_scales, bits, group_size, packed.shape[0], in_features, dtype
+    )
     return kernel.dequantize(qw, dtype)
 
 
@@ -84,5 +91,5 @@ dequantize = torch.library.custom_op("easyquant::dequantize", _dequantize, mutat
 
 
 @dequantize.register_fake
-def _(packed, scales, rowptr, cols, values, zeros, bits, group_size, in_features, dtype):
+def _(packed, scales, rowptr, cols, values, zeros, col_scales, bits, group_size, in_features, dtype):
     return packed.new_empty((packed.shape[0], in_features), dtype=dtype)

@@ -42,12 +42,19 @@ from .st_io import Entry, atomic_write_bytes, atomic_write_json, fsync_dir, remo
 from .targets import Plan, Target, find_targets
 
 # 2: asymmetric weights (a uint8 zero point per row or group beside the scales).
-FORMAT_VERSION = 2
+# 3: dual-axis weights (an fp16 scale per input column).
+FORMAT_VERSION = 3
 WORK_DIR = ".easyquant-work"
 SUMMARY = "easyquant_summary.md"
 RECORD = ".easyquant-run.json"
 # Below this share of the model's weights quantized, say so: most of the model stays in full precision.
 MIN_QUANTIZED_SHARE = 0.5
+
+
+def format_version(config: QuantConfig) -> int:
+    """The oldest format that holds weights made with ``config`` (what the checkpoint records, so
+    that older readers still load it where they can)."""
+    return 3 if config.col_scale else 2 if config.asymmetric else 1
 
 
 @dataclass(frozen=True)
@@ -351,7 +358,7 @@ def quantization_config_dict(config: QuantConfig, options: Options, targets: lis
             counts[e] = outliers[t.module]
     return {
         "quant_method": "easyquant",
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(config),
         **config.to_dict(),
         "skip": list(options.skip),
         "include": list(options.include),
@@ -395,7 +402,7 @@ def quantize_model(
                 "source": fingerprint(src),
                 "config": config.to_dict(),
                 "options": asdict(options),
-                "format_version": FORMAT_VERSION,
+                "format_version": format_version(config),
             }
         )
     )

@@ -9,13 +9,16 @@ Memory layout of a ``(rows, cols)`` weight quantized at ``bits`` with groups of
 - ``scales``: fp16 ``(rows, ceil(cols / group_size))``; the sign is part of the scale.
 - ``zeros`` (asymmetric weights only, format 2): uint8, the scales' shape: the integer zero
   point, the code that stands for 0.
+- ``col_scales`` (dual-axis weights only, format 3): fp16 ``(cols,)``, positive: a scale per
+  input column that multiplies the dense part (:mod:`easyquant.sinkhorn`), not the outliers.
 - outliers in CSR: ``outlier_rowptr`` int32 (int64 past 2^31 outliers) ``(rows + 1,)``,
   ``outlier_cols`` in the narrowest type holding a column index (uint8 up to 256 columns,
   int16 up to 32768, else int32) ``(nnz,)``, ascending within a row, and
   ``outlier_values`` fp16 ``(nnz,)``.
 
 The weight it stands for is ``scales[r, j // group_size] * (packed code + qmin)``, or
-``scales * (packed code - zeros)`` for an asymmetric weight, plus the outliers:
+``scales * (packed code - zeros)`` for an asymmetric weight, times ``col_scales[j]`` for a
+dual-axis one, plus the outliers:
 :meth:`QuantizedWeight.dequantize`. Outlier positions hold the code of 0, so the dense part
 is 0 there and an outlier's stored value is the weight itself.
 """
@@ -66,6 +69,7 @@ class QuantizedWeight:
     shape: tuple[int, int]
     dtype: torch.dtype
     zeros: torch.Tensor | None = None
+    col_scales: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         rows, cols = self.shape
@@ -77,6 +81,8 @@ class QuantizedWeight:
         }
         if self.zeros is not None:
             expect["zeros"] = expect["scales"]
+        if self.col_scales is not None:
+            expect["col_scales"] = (cols,)
         for name, shape in expect.items():
             if tuple(getattr(self, name).shape) != shape:
                 raise EasyQuantError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
@@ -93,6 +99,7 @@ class QuantizedWeight:
             "outlier_cols": (torch.uint8, torch.int16, torch.int32),
             "outlier_values": (torch.float16,),
             "zeros": (torch.uint8,),
+            "col_scales": (torch.float16,),
         }
         for field, t in self.tensors().items():
             if t.dtype not in dtypes[field]:
@@ -102,6 +109,8 @@ class QuantizedWeight:
         for field in ("scales", "outlier_values"):
             if not bool(torch.isfinite(getattr(self, field)).all()):
                 raise EasyQuantError(f"{name}.{field} holds NaN or Inf")
+        if self.col_scales is not None and not bool((torch.isfinite(self.col_scales) & (self.col_scales > 0)).all()):
+            raise EasyQuantError(f"{name}.col_scales holds values that are not finite and positive")
         ptr, idx, cols = self.outlier_rowptr.long(), self.outlier_cols.long(), self.shape[1]
         if ptr[0] != 0 or ptr[-1] != idx.numel() or bool((ptr.diff() < 0).any()):
             raise EasyQuantError(f"{name}.outlier_rowptr is not a valid CSR row pointer for {idx.numel()} outliers")
@@ -148,6 +157,8 @@ class QuantizedWeight:
         else:
             w.add_(self.grid.qmin)
         self._per_group(w, self.scales, torch.Tensor.mul_)
+        if self.col_scales is not None:
+            w.mul_(self.col_scales.float())
         return self.add_outliers(w).to(dtype or self.dtype)
 
     def _per_group(self, w: torch.Tensor, t: torch.Tensor, op) -> None:

@@ -8,7 +8,8 @@ and fused layers (vLLM's ``qkv_proj``, ``gate_up_proj``) need.
   (``start`` on a group boundary unless per channel) and the outliers in those columns,
   renumbered.
 - :func:`stack_rows`: weights of equal width and format, one above the other (q, k, v into
-  one): everything concatenated, row pointers offset by the outliers before them.
+  one): everything concatenated, row pointers offset by the outliers before them; dual-axis
+  weights only with equal column scales, which they then share.
 
 Each result equals slicing or concatenating the dequantized weights (tests check it).
 """
@@ -41,6 +42,7 @@ def take_rows(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
         (stop - start, cols),
         qw.dtype,
         None if qw.zeros is None else qw.zeros[start:stop],
+        qw.col_scales,
     )
 
 
@@ -69,6 +71,7 @@ def take_cols(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
     return QuantizedWeight(
         pack(codes, qw.bits), scales.contiguous(), rowptr, col_idx, vals, qw.bits, min(group, width), (rows, width),
         qw.dtype, None if zeros is None else zeros.contiguous(),
+        None if qw.col_scales is None else qw.col_scales[start:stop].contiguous(),
     )  # fmt: skip
 
 
@@ -83,6 +86,13 @@ def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
                 f"cannot stack a {p.shape} weight at {p.bits} bits, groups of {p.group_size}"
                 f"{', asymmetric' * p.asymmetric} under a {first.shape} one at {first.bits} bits, groups of "
                 f"{first.group_size}{', asymmetric' * first.asymmetric}"
+            )
+        if (p.col_scales is None) != (first.col_scales is None) or (
+            p.col_scales is not None and not torch.equal(p.col_scales, first.col_scales)
+        ):
+            raise EasyQuantError(
+                "cannot stack weights with different column scales (dual-axis weights share an input only if their "
+                "column scales are equal)"
             )
     nnz = sum(p.outlier_count for p in parts)
     offsets = torch.tensor([0] + [p.outlier_count for p in parts]).cumsum(0)
@@ -101,4 +111,5 @@ def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
         (sum(p.shape[0] for p in parts), cols),
         first.dtype,
         torch.cat([p.zeros for p in parts]) if first.asymmetric else None,
+        first.col_scales,
     )

@@ -24,14 +24,16 @@ from .outliers import sigma_mask
 from .plots import save_plot
 from .solvers import PaperAdam, Search
 
-NSIGMA_METHODS = ["easyquant:n_sigma=none"] + [f"easyquant:n_sigma={n}" for n in (2, 2.5, 3, 4, 5, 6)]
+# The paper's questions, asked of the paper's per-channel shape (no groups, no column scales).
+CHANNEL = "easyquant:group_size=none/col_scale=false"
+NSIGMA_METHODS = [f"{CHANNEL}/n_sigma={n}" for n in ("none", 2, 2.5, 3, 4, 5, 6)]
 ABLATION_METHODS = [
     "rtn",  # neither
-    "easyquant:solver=rtn",  # outlier isolation only
-    "easyquant:solver=paper/n_sigma=none",  # range optimisation only (paper)
-    "easyquant:solver=search/n_sigma=none",  # range optimisation only (search)
+    f"{CHANNEL}/n_sigma=3/solver=rtn",  # outlier isolation only
+    f"{CHANNEL}/solver=paper/n_sigma=none",  # range optimisation only (paper)
+    f"{CHANNEL}/solver=search/n_sigma=none",  # range optimisation only (search)
     "paper",  # both, the paper's recipe
-    "easyquant",  # both, easyquant's solver
+    "easyquant-channel",  # both, easyquant's solver
 ]
 
 

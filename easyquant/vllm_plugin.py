@@ -4,12 +4,13 @@ whose ``quantization_config.quant_method`` is ``easyquant`` selects it with no f
 ``vllm serve OUT`` and ``LLM(model=OUT)`` just work.
 
 Loading: each quantized linear gets the checkpoint's tensors (packed codes, scales, CSR
-outliers, and zeros for asymmetric weights) as parameters whose loader keeps what it is given,
-unsharded, per logical shard (vLLM fuses q/k/v into ``qkv_proj`` and gate/up into
+outliers, zeros for asymmetric weights, column scales for dual-axis ones) as parameters whose
+loader keeps what it is given, unsharded, per logical shard (vLLM fuses q/k/v into ``qkv_proj`` and gate/up into
 ``gate_up_proj``, and tells the loader which shard each tensor is). After loading, each shard
 is cut for this tensor-parallel rank without dequantizing (:mod:`easyquant.shards`: rows for
 column-parallel layers, columns for row-parallel ones, outliers partitioned with them), the
-shards are stacked into one weight, and the layer runs it through :class:`EasyQuantLinear`,
+shards are stacked into one weight (dual-axis shards with column scales of their own stay
+apart, their outputs joined), and the layer runs it through :class:`EasyQuantLinear`,
 which picks the Triton kernel on CUDA and torch's int4 kernel or dequantization on the CPU.
 Layers the checkpoint left in full precision (``lm_head``, skipped modules) keep vLLM's own
 unquantized method. Quantized mixture-of-experts layers are refused by name (vLLM's fused-MoE
@@ -116,7 +117,7 @@ class EasyQuantLinearMethod(LinearMethodBase):
             shard_id = getattr(loaded, "shard_id", None) if shard_id is None else shard_id
             layer.easyquant_shards.setdefault(shard_id, {})[param.easyquant_name] = loaded.detach().clone()
 
-        for name in tensor_names(self.config.asymmetric):
+        for name in tensor_names(self.config.asymmetric, self.config.col_scale):
             param = torch.nn.Parameter(torch.empty(0), requires_grad=False)  # on vLLM's device for the layer
             set_weight_attrs(param, {"weight_loader": keep, "easyquant_name": name})
             layer.register_parameter(name, param)
@@ -126,9 +127,9 @@ class EasyQuantLinearMethod(LinearMethodBase):
         local_cols, local_rows, cols, dtype = layer.easyquant_sizes
         rows = t["outlier_rowptr"].numel() - 1
         name = f"{layer.prefix}[{shard}]" if shard is not None else layer.prefix
-        tensors = [t[n] for n in tensor_names(self.config.asymmetric)]
-        qw = QuantizedWeight(*tensors[:5], self.config.bits, self.config.group_size or cols, (rows, cols), dtype,
-                             *tensors[5:])  # fmt: skip
+        names = tensor_names(self.config.asymmetric, self.config.col_scale)
+        qw = QuantizedWeight(*(t[n] for n in names[:5]), self.config.bits, self.config.group_size or cols,
+                             (rows, cols), dtype, **{n: t[n] for n in names[5:]})  # fmt: skip
         qw.check(name)
         if isinstance(layer, RowParallelLinear) and local_cols != cols:
             return take_cols(qw, layer.tp_rank * local_cols, (layer.tp_rank + 1) * local_cols)
@@ -143,19 +144,27 @@ class EasyQuantLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         shards = layer.easyquant_shards
         order = _shard_order(layer, shards)
-        names = tensor_names(self.config.asymmetric)
+        names = tensor_names(self.config.asymmetric, self.config.col_scale)
         missing = [s for s in order if set(shards.get(s, {})) != set(names)]
         if missing or len(order) != len(layer.easyquant_sizes[1]):
             raise EasyQuantError(f"{layer.prefix}: the checkpoint lacks quantized tensors of shards {missing}")
-        qw = stack_rows([self._local(layer, i, s, shards[s]) for i, s in enumerate(order)])
+        parts = [self._local(layer, i, s, shards[s]) for i, s in enumerate(order)]
         device = layer.packed.device
         for name in names:
             delattr(layer, name)
         layer.easyquant_shards = None
-        layer.easyquant = EasyQuantLinear.from_quantized(qw.to(device), name=layer.prefix)
+        # Dual-axis shards (q, k, v) each scale the shared input by their own column scales: then
+        # each runs on its own and the outputs are joined, as the fused layer's would be.
+        scales = [p.col_scales for p in parts]
+        joint = scales[0] is None or all(torch.equal(c, scales[0]) for c in scales)
+        layer.easyquant = torch.nn.ModuleList(
+            EasyQuantLinear.from_quantized(qw.to(device), name=layer.prefix)
+            for qw in ([stack_rows(parts)] if joint else parts)
+        )
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = layer.easyquant(x)
+        mods = layer.easyquant
+        y = mods[0](x) if len(mods) == 1 else torch.cat([m(x) for m in mods], dim=-1)
         return y + bias if bias is not None else y
 
 

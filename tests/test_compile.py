@@ -19,9 +19,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch"] + (["triton"] if available(torch.zeros(1, device=DEVICE)) else [])
 
 
-@pytest.fixture(params=[False, True], ids=["symmetric", "asymmetric"])
+@pytest.fixture(params=[(False, False), (True, False), (False, True)], ids=["symmetric", "asymmetric", "col-scale"])
 def layer(request):
-    config = QuantConfig(group_size=32, n_sigma=2.5, asymmetric=request.param)
+    asymmetric, col_scale = request.param
+    config = QuantConfig(group_size=32, n_sigma=2.5, asymmetric=asymmetric, col_scale=col_scale)
     qw = quantize_weight(torch.randn(48, 96) * 0.05, config).to(DEVICE)
     assert qw.outlier_count > 0
     yield EasyQuantLinear.from_quantized(qw, torch.randn(48, device=DEVICE))
@@ -40,7 +41,8 @@ def test_linear_compiles_whole(layer, backend, rows):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (GPU or TRITON_INTERPRET=1)")
 def test_custom_ops_pass_opcheck(layer):
-    tensors = (layer.packed, layer.scales, layer.outlier_rowptr, layer.outlier_cols, layer.outlier_values, layer.zeros)
+    tensors = (layer.packed, layer.scales, layer.outlier_rowptr, layer.outlier_cols, layer.outlier_values, layer.zeros,
+               layer.col_scales)  # fmt: skip
     x = torch.randn(3, 96, device=DEVICE)
     torch.library.opcheck(torch.ops.easyquant.qmatmul.default, (x, *tensors, layer.bias, 4, 32, 48))
     torch.library.opcheck(torch.ops.easyquant.dequantize.default, (*tensors, 4, 32, 96, torch.float32))

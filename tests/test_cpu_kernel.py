@@ -31,7 +31,13 @@ def weight(
     rows: int, cols: int, group: int | None, n_sigma: float | None = 2.5, seed: int = 0, bits: int = 4, asymmetric=False
 ):
     cfg = QuantConfig(
-        bits=bits, group_size=group, n_sigma=n_sigma, solver="rtn", max_outlier_fraction=1.0, asymmetric=asymmetric
+        bits=bits,
+        group_size=group,
+        n_sigma=n_sigma,
+        solver="rtn",
+        max_outlier_fraction=1.0,
+        asymmetric=asymmetric,
+        col_scale=False,  # the format's arithmetic; column scales: test_col_scale.py
     )
     return quantize_weight(heavy_tailed(rows, cols, seed=seed), cfg)
 

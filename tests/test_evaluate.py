@@ -62,7 +62,9 @@ def test_gptq_beats_rtn_on_layer_output():
         return (x @ (wq - w).T).square().sum() / (x @ w.T).square().sum()
 
     for bits, group in [(4, None), (3, 32)]:
-        rtn = quantize_weight(w, QuantConfig(bits=bits, group_size=group, solver="mse", n_sigma=None)).dequantize()
+        rtn = quantize_weight(
+            w, QuantConfig(bits=bits, group_size=group, solver="mse", n_sigma=None, col_scale=False)
+        ).dequantize()
         assert out_err(gptq_weight(w, h, bits, group)) < 0.8 * out_err(rtn)
 
 
@@ -158,7 +160,11 @@ def test_sinq_peer_evens_out_rows_and_columns():
     assert torch.all(imbalance(tiles / col[:, None, :] / row[:, :, None]) < imbalance(tiles) / 2)
     deq, bpw = sinq_quantize(w, 4, 64)
     assert bpw == 4 + 32 / 64 + 16 / 64
-    minmax = quantize_weight(w, QuantConfig(group_size=64, n_sigma=None, solver="rtn", asymmetric=True))
+    minmax = quantize_weight(
+        w, QuantConfig(group_size=64, n_sigma=None, solver="rtn", asymmetric=True, col_scale=False)
+    )
     assert (deq - w).norm() < (minmax.dequantize() - w).norm()
-    with pytest.raises(ValueError, match="divide the 128 columns"):
-        sinq_quantize(w, 4, 48)
+    # a group size that does not divide the row (SmolLM2's 576 columns in groups of 128): a shorter last tile
+    deq, bpw = sinq_quantize(w, 4, 48)
+    assert bpw == pytest.approx(4 + 32 * 3 / 128 + 16 / 64)
+    assert (deq - w).norm() < (minmax.dequantize() - w).norm() * 1.2 and deq[:, 96:].abs().sum() > 0

@@ -28,7 +28,13 @@ def quantized(
     rows: int, cols: int, bits: int, group_size: int | None, n_sigma: float | None, seed: int = 0, asymmetric=False
 ):
     cfg = QuantConfig(
-        bits=bits, group_size=group_size, n_sigma=n_sigma, solver="rtn", max_outlier_fraction=1.0, asymmetric=asymmetric
+        bits=bits,
+        group_size=group_size,
+        n_sigma=n_sigma,
+        solver="rtn",
+        max_outlier_fraction=1.0,
+        asymmetric=asymmetric,
+        col_scale=False,  # the format's arithmetic; column scales: test_col_scale.py
     )
     return quantize_weight(heavy_tailed(rows, cols, seed=seed), cfg).to(DEVICE)
 
@@ -90,7 +96,7 @@ def test_skewed_outliers_and_wide_rows():
     rows wider than 256 columns, whose outlier columns are int16."""
     rows, cols = 40, 700
     w = heavy_tailed(rows, cols, seed=3)
-    qw = quantize_weight(w, QuantConfig(bits=4, n_sigma=None, solver="rtn"))
+    qw = quantize_weight(w, QuantConfig(bits=4, group_size=None, n_sigma=None, solver="rtn", col_scale=False))
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     mask[5, ::3] = True  # 234 outliers in row 5
     mask[6, :40] = True
@@ -194,7 +200,7 @@ def test_balanced_outliers_match_fused():
     crowded = mask.clone()
     crowded[7:9] = True  # two rows of nothing but outliers
     for m, expect in ((mask, "fused"), (crowded, "balanced")):
-        qw = quantize_weight(w, QuantConfig(bits=4, n_sigma=None, solver="rtn"))
+        qw = quantize_weight(w, QuantConfig(bits=4, group_size=None, n_sigma=None, solver="rtn", col_scale=False))
         rowptr, col_idx, values = csr_from_mask(m, w * 30)
         packed = pack((qw.codes().masked_fill(m, 0) - qw.grid.qmin).to(torch.uint8), 4)
         qw = QuantizedWeight(packed, qw.scales, rowptr, col_idx, values, 4, cols, (rows, cols), torch.float32)

@@ -54,11 +54,14 @@ def test_per_expert_and_fused_layouts_quantize_alike(kind, tmp_path):
     torch.testing.assert_close(logits(tmp_path / "qb", x), logits(tmp_path / "qa", x), rtol=0, atol=0)
 
 
-def test_only_routed_experts_run_and_kernels_serve_them(tmp_path):
+@pytest.mark.parametrize("col_scale", [False, True])
+def test_only_routed_experts_run_and_kernels_serve_them(tmp_path, col_scale):
     tiny_model("mixtral", tmp_path / "src")
-    quantize_model(tmp_path / "src", tmp_path / "q", QuantConfig(group_size=32, n_sigma=2.0), progress=False)
+    cfg = QuantConfig(group_size=32, n_sigma=2.0, col_scale=col_scale)
+    quantize_model(tmp_path / "src", tmp_path / "q", cfg, progress=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.bfloat16).eval()
     experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj[0].col_scale == col_scale
     calls = []
     for e, layer in enumerate(experts.gate_up_proj):
         layer.register_forward_hook(lambda mod, args, out, e=e: calls.append((e, mod.path(args[0]))))

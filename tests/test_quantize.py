@@ -11,6 +11,12 @@ from easyquant.outliers import sigma_mask
 from easyquant.qweight import index_dtype
 
 
+def paper_shape(**kw: object) -> QuantConfig:
+    """The quantizer's math is checked on the paper's shape (per channel, 3 sigma, no column
+    scales) unless a test names another; column scales have tests of their own."""
+    return QuantConfig(**{"group_size": None, "n_sigma": 3.0, "col_scale": False} | kw)
+
+
 def expanded_scales(q):
     return per_weight(q.scales, q.group_size, q.shape[1])
 
@@ -27,7 +33,7 @@ def expanded_scales(q):
 )
 def test_normal_weights_within_half_step_and_outliers_exact(bits, rows, cols, group, solver, seed):
     w = heavy_tailed(rows, cols, seed=seed)
-    q = quantize_weight(w, QuantConfig(bits=bits, group_size=group, solver=solver))
+    q = quantize_weight(w, paper_shape(bits=bits, group_size=group, solver=solver))
     grid, codes = Grid(bits), q.codes().float()
     s = expanded_scales(q)
     deq = q.dequantize()
@@ -46,14 +52,14 @@ def test_normal_weights_within_half_step_and_outliers_exact(bits, rows, cols, gr
 
 
 def test_rtn_clips_nothing(weight):
-    q = quantize_weight(weight, QuantConfig(solver="rtn", n_sigma=None))
+    q = quantize_weight(weight, paper_shape(solver="rtn", n_sigma=None))
     err = (q.dequantize() - weight).abs()
     # fp16 rounding of the scale may shave a hair off the range; never more.
     assert torch.all(err <= expanded_scales(q).abs() / 2 * 1.002)
 
 
 def test_largest_weight_uses_the_long_side_of_the_grid(weight):
-    q = quantize_weight(weight, QuantConfig(solver="rtn", n_sigma=None))
+    q = quantize_weight(weight, paper_shape(solver="rtn", n_sigma=None))
     peak = weight.abs().argmax(dim=1)
     codes = q.codes()
     peak_code = codes.gather(1, peak[:, None]).squeeze(1)
@@ -85,7 +91,7 @@ def test_sigma_rule_std_zero_guard():
 
 
 def test_outlier_fraction_and_count_are_reported(weight):
-    q = quantize_weight(weight, QuantConfig(n_sigma=3))
+    q = quantize_weight(weight, paper_shape(n_sigma=3))
     expected = int(sigma_mask(weight, 3).sum())
     assert q.outlier_count == expected > 0
     assert q.outlier_fraction == pytest.approx(expected / weight.numel())
@@ -93,7 +99,7 @@ def test_outlier_fraction_and_count_are_reported(weight):
 
 def test_bits_per_weight_counts_everything():
     w = heavy_tailed(64, 512, seed=3)
-    q = quantize_weight(w, QuantConfig(bits=4, group_size=64))
+    q = quantize_weight(w, paper_shape(bits=4, group_size=64))
     nnz = q.outlier_count
     expected_bytes = 64 * 512 // 2 + 64 * 8 * 2 + 65 * 4 + nnz * (2 + 2)
     assert q.nbytes == expected_bytes
@@ -146,18 +152,18 @@ def test_float_dtypes(weight, dtype):
 
 def test_ragged_last_group():
     w = heavy_tailed(8, 576, seed=4)  # SmolLM2's width; 128 does not divide it
-    q = quantize_weight(w, QuantConfig(group_size=128))
+    q = quantize_weight(w, paper_shape(group_size=128))
     assert q.scales.shape == (8, 5)
     assert q.group_size == 128
     # The short last group (64 columns) gets a scale fitted to its own weights.
-    last = quantize_weight(w[:, 512:], QuantConfig(group_size=64, n_sigma=None))
-    q2 = quantize_weight(w, QuantConfig(group_size=128, n_sigma=None))
+    last = quantize_weight(w[:, 512:], paper_shape(group_size=64, n_sigma=None))
+    q2 = quantize_weight(w, paper_shape(group_size=128, n_sigma=None))
     assert torch.equal(q2.scales[:, 4], last.scales[:, 0])
 
 
 def test_group_size_larger_than_row_is_per_channel(weight):
-    a = quantize_weight(weight, QuantConfig(group_size=4096))
-    b = quantize_weight(weight, QuantConfig(group_size=None))
+    a = quantize_weight(weight, paper_shape(group_size=4096))
+    b = quantize_weight(weight, paper_shape(group_size=None))
     assert torch.equal(a.scales, b.scales) and a.group_size == weight.shape[1]
 
 
@@ -173,7 +179,7 @@ def test_zero_and_constant_rows_are_exact():
     w[1] = 0.0
     w[2] = 0.013
     for scope in ("tensor", "row"):
-        q = quantize_weight(w, QuantConfig(outlier_scope=scope))
+        q = quantize_weight(w, paper_shape(outlier_scope=scope))
         deq = q.dequantize()
         assert torch.equal(deq[1], torch.zeros(64))
         assert torch.allclose(deq[2], torch.full((64,), 0.013), rtol=1e-3)
@@ -226,12 +232,12 @@ def test_bad_config(kwargs, match):
 
 def test_n_sigma_isolating_many_weights_is_refused(weight):
     with pytest.raises(EasyQuantError, match=r"w\.down: n_sigma=0\.5 .* outliers"):
-        quantize_weight(weight, QuantConfig(n_sigma=0.5), name="w.down")
+        quantize_weight(weight, paper_shape(n_sigma=0.5), name="w.down")
 
 
 def test_n_sigma_isolating_some_weights_warns(weight):
     with pytest.warns(UserWarning, match="outliers"):
-        quantize_weight(weight, QuantConfig(n_sigma=1.6))
+        quantize_weight(weight, paper_shape(n_sigma=1.6))
 
 
 def test_bad_col_weight(weight):
@@ -245,8 +251,8 @@ def test_col_weight_trades_error_toward_heavy_columns():
     w = heavy_tailed(64, 256, seed=6)
     cw = torch.ones(256)
     cw[:32] = 100.0
-    plain = quantize_weight(w, QuantConfig(bits=3, p=2.0))
-    weighted = quantize_weight(w, QuantConfig(bits=3, p=2.0), col_weight=cw)
+    plain = quantize_weight(w, paper_shape(bits=3, p=2.0))
+    weighted = quantize_weight(w, paper_shape(bits=3, p=2.0), col_weight=cw)
 
     def heavy_err(q):
         return (q.dequantize() - w)[:, :32].square().sum()
@@ -260,13 +266,13 @@ def test_paper_settings_and_orientation(weight):
     from easyquant.solvers import PaperAdam
 
     w = weight
-    llama = QuantConfig(solver="paper", lr=1e-4, steps=500, n_sigma=None)
+    llama = paper_shape(solver="paper", lr=1e-4, steps=500, n_sigma=None)
     assert llama.make_solver() == PaperAdam(lr=1e-4, steps=500)
     assert not torch.equal(
-        quantize_weight(w, llama).scales, quantize_weight(w, QuantConfig(solver="paper", n_sigma=None)).scales
+        quantize_weight(w, llama).scales, quantize_weight(w, paper_shape(solver="paper", n_sigma=None)).scales
     )
-    plain = quantize_weight(w, QuantConfig(solver="rtn", n_sigma=None, orient=False))
-    oriented = quantize_weight(w, QuantConfig(solver="rtn", n_sigma=None))
+    plain = quantize_weight(w, paper_shape(solver="rtn", n_sigma=None, orient=False))
+    oriented = quantize_weight(w, paper_shape(solver="rtn", n_sigma=None))
     assert bool((plain.scales > 0).all()) and bool((oriented.scales < 0).any())
     flipped = (oriented.scales < 0).squeeze(1)  # rows whose largest weight is positive
     assert torch.equal(plain.scales[~flipped], oriented.scales[~flipped])

@@ -14,25 +14,27 @@ from easyquant.errors import EasyQuantError
 from easyquant.shards import stack_rows, take_cols, take_rows
 
 
-def _weight(seed: int, rows: int, cols: int, bits: int, group: int | None, n_sigma: float | None, asym=False):
+def _weight(
+    seed: int, rows: int, cols: int, bits: int, group: int | None, n_sigma: float | None, asym=False, col=False
+):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g) * 0.02
     w[torch.rand(rows, cols, generator=g) < 0.02] *= 8  # heavy tail: outliers in every shard
-    return quantize_weight(w, QuantConfig(bits=bits, group_size=group, n_sigma=n_sigma, asymmetric=asym))
+    return quantize_weight(w, QuantConfig(bits=bits, group_size=group, n_sigma=n_sigma, asymmetric=asym, col_scale=col))
 
 
 configs = st.tuples(
     st.integers(0, 10_000), st.sampled_from([2, 3, 4, 8]), st.sampled_from([None, 16, 32]),
-    st.sampled_from([None, 2.0, 3.0]), st.sampled_from([1, 2, 4]), st.booleans(),
+    st.sampled_from([None, 2.0, 3.0]), st.sampled_from([1, 2, 4]), st.booleans(), st.booleans(),
 )  # fmt: skip
 
 
 @settings(max_examples=40, deadline=None)
 @given(configs)
 def test_tensor_parallel_shards_equal_dense_slices(case) -> None:
-    seed, bits, group, n_sigma, tp, asym = case
+    seed, bits, group, n_sigma, tp, asym, col = case
     rows, cols = 24, 128
-    qw = _weight(seed, rows, cols, bits, group, n_sigma, asym)
+    qw = _weight(seed, rows, cols, bits, group, n_sigma, asym, col)
     dense = qw.dequantize(torch.float32)
     for rank in range(tp):
         r0, r1 = rank * rows // tp, (rank + 1) * rows // tp
@@ -68,3 +70,7 @@ def test_column_shards_must_cut_on_group_and_packing_boundaries() -> None:
         stack_rows([qw, _weight(0, 8, 64, 4, 32, 3.0)])
     with pytest.raises(EasyQuantError, match="asymmetric"):
         stack_rows([qw, _weight(1, 8, 128, 4, 32, 3.0, asym=True)])
+    dual = _weight(0, 8, 128, 4, 32, 3.0, col=True)
+    for other in (qw, _weight(1, 8, 128, 4, 32, 3.0, col=True)):  # none, or column scales of its own
+        with pytest.raises(EasyQuantError, match="different column scales"):
+            stack_rows([dual, other])

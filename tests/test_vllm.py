@@ -81,12 +81,20 @@ def _tiny(kind: str, folder: Path) -> None:
         ("llama", QuantConfig(), 2),
         ("qwen2", QuantConfig(bits=3, group_size=32, outlier_scope="row"), 2),
         ("llama", QuantConfig(group_size=32, asymmetric=True), 2),
+        ("llama", QuantConfig(group_size=32, col_scale=True), 2),
     ],
-    ids=["llama-per-channel", "llama-per-channel-tp2", "qwen2-3bit-g32-bias-tp2", "llama-asymmetric-g32-tp2"],
+    ids=[
+        "llama-per-channel",
+        "llama-per-channel-tp2",
+        "qwen2-3bit-g32-bias-tp2",
+        "llama-asymmetric-g32-tp2",
+        "llama-col-scale-g32-tp2",
+    ],
 )
 def test_vllm_matches_transformers_on_tiny_models(tmp_path, kind, config, tp) -> None:
     """tp=2: vLLM's own tensor parallelism (two CPU workers): q/k/v and gate/up cut by rows, o and
-    down by columns, the one KV head replicated on both ranks."""
+    down by columns, the one KV head replicated on both ranks. Dual-axis q/k/v and gate/up, each
+    with column scales of its own, run as separate shards of the fused layer."""
     _tiny(kind, tmp_path / "src")
     summary = quantize_model(tmp_path / "src", tmp_path / "q", config, progress=False)
     assert summary.outlier_fraction > 0  # the fused layers carry outliers through the plugin
