@@ -96,3 +96,41 @@ def tiny_model(kind: str, folder, seed: int = 0, dtype: torch.dtype = torch.floa
     model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS[kind])).to(dtype).eval()
     model.save_pretrained(folder)
     return model
+
+
+def loads_like_memory(tmp_path, config, kind: str = "llama") -> tuple[dict, object, dict, object]:
+    """A tiny ``kind`` model quantized with ``config`` into ``tmp_path / "out"``, checked to load
+    with the logits of the same model with each quantized weight replaced in memory by its
+    dequantized self, and to differ from the original model's. Returns the
+    ``quantization_config``, the shard's path, its tensors and the run's summary."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from easyquant import quantize_weight
+    from easyquant.pipeline import quantize_model
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    model = tiny_model(kind, src)
+    summary = quantize_model(src, out, config, progress=False)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    shard = next(out.glob("*.safetensors"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    for name, lin in ref.named_modules():
+        if name in qc["modules"]:
+            lin.weight.data = quantize_weight(lin.weight.data, config).dequantize()
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, ref(x).logits, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(model(x).logits, ref(x).logits, atol=1e-4)
+    return qc, shard, load_file(shard), summary
+
+
+def claim_format(out, version: int) -> None:
+    """Rewrite the checkpoint's recorded format version (what an older writer would have put)."""
+    import json
+
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["format_version"] = version
+    (out / "config.json").write_text(json.dumps(config))
