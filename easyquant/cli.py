@@ -9,8 +9,8 @@ from pathlib import Path
 
 from .compare import DEFAULT_METHODS
 from .errors import EasyQuantError
-from .pipeline import Options, quantize_model
-from .quantize import QuantConfig
+from .pipeline import SUMMARY, Options, quantize_model
+from .quantize import OUTLIER_RULES, QuantConfig
 from .solvers import SOLVERS
 from .source import source_note
 
@@ -24,6 +24,13 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-sigma", type=float, default=4.0, help="outlier threshold in standard deviations (default 4)")
     p.add_argument("--no-outliers", action="store_true", help="keep no fp16 outliers")
     p.add_argument("--outlier-scope", choices=["tensor", "row"], default="tensor")
+    p.add_argument(
+        "--outlier-rule",
+        choices=list(OUTLIER_RULES),
+        default="sigma",
+        help="which weights to keep in fp16: past n sigma (default), or as many as that, chosen by how much their "
+        "removal lowers the range loss (savings: a few more solves per matrix)",
+    )
     p.add_argument("--solver", choices=list(SOLVERS), default="search", help="range solver (default search)")
     p.add_argument("--p", type=float, default=None, help="norm of the range objective (solver default if unset)")
     p.add_argument("--adam-lr", type=float, default=None, help="paper solver: Adam's step (default 1e-3)")
@@ -51,6 +58,7 @@ def _config(a: argparse.Namespace) -> QuantConfig:
         group_size=None if a.per_channel else a.group_size,
         n_sigma=None if a.no_outliers else a.n_sigma,
         outlier_scope=a.outlier_scope,
+        outlier_rule=a.outlier_rule,
         solver=a.solver,
         p=a.p,
         lr=a.adam_lr,
@@ -67,12 +75,15 @@ def cmd_quantize(a: argparse.Namespace) -> None:
         a.src,
         a.out,
         _config(a),
-        Options(skip=tuple(a.skip), include=tuple(a.include)),
+        Options(skip=tuple(a.skip), include=tuple(a.include), target_bpw=a.target_bpw),
         workers=a.workers,
         device=a.device,
+        executor=a.executor,
         overwrite=a.overwrite,
         allow_pickle=a.allow_pickle,
     )
+    if a.target_bpw is not None:
+        print(f"settings chosen for {a.target_bpw:g} bits/weight: {summary.settings_map()} (per layer: {SUMMARY})")
     print(f"{summary.line()} in {time.perf_counter() - t0:.1f} s")
 
 
@@ -236,6 +247,15 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="PATTERN",
         help="Linear modules outside the blocks to quantize too (e.g. lm_head)",
+    )
+    q.add_argument(
+        "--target-bpw",
+        type=float,
+        default=None,
+        metavar="BITS",
+        help="choose bits (--bits -1, 0, +1), group size (--group-size, twice it) and outliers (kept or not) per "
+        "layer within this many bits per weight over all quantized layers, from each layer's own error "
+        "(a data-free knapsack; quantizes each layer 12 times more to choose)",
     )
     q.add_argument("--workers", type=int, default=1, help="parallel worker processes (CUDA: one per GPU)")
     q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .allocate import plan
 from .evaluate import Reference, evaluate, generation_speed
 from .gptq import gptq_model
 from .nn import swap_in_quantized
@@ -86,6 +87,23 @@ def easyquant_method(**kw: object) -> Method:
     return _per_layer(one)
 
 
+def target_method(target_bpw: float, **kw: object) -> Method:
+    """easyquant with a setting per layer (:func:`easyquant.allocate.plan`) within ``target_bpw``
+    bits per weight over the linears, from a base of the row's bits and ``kw``."""
+
+    def run(model: nn.Module, linears: Linears, bits: int, calib: torch.Tensor) -> Quantized:
+        weights = [(name, lin.weight.data) for name, lin in linears]
+        configs = plan([(n, lambda w=w: w) for n, w in weights], QuantConfig(bits=bits, **kw), target_bpw, False)
+        packed = {name: quantize_weight(w, c, name=name) for (name, w), c in zip(weights, configs, strict=True)}
+        total = sum(w.numel() for _, w in weights)
+        for name, w in weights:
+            w.copy_(packed[name].dequantize())
+        bits_sum = sum(q.bits_per_weight * q.shape[0] * q.shape[1] for q in packed.values())
+        return Quantized(bits_sum / total, sum(q.outlier_count for q in packed.values()) / total, total, False, packed)
+
+    return run
+
+
 def hqq_method(group_size: int) -> Method:
     return _per_layer(lambda name, w, bits: (*hqq_quantize(w, bits, group_size), 0, None))
 
@@ -139,17 +157,20 @@ def _value(text: str) -> object:
 
 def resolve(name: str) -> Method:
     """A method by name, or ``easyquant:key=value/key=value`` with any :class:`QuantConfig`
-    field (``easyquant:n_sigma=none/solver=search``), which is how the studies sweep settings."""
+    field (``easyquant:n_sigma=none/solver=search``), which is how the studies sweep settings;
+    ``target_bpw=4.25`` among them chooses a setting per layer within that budget, from a base
+    of the row's bits and the other fields."""
     if name in METHODS:
         return METHODS[name]
     head, _, spec = name.partition(":")
     if head == "easyquant" and spec:
         try:
             kw = {k: _value(v) for k, v in (item.split("=", 1) for item in spec.split("/"))}
-            QuantConfig(**kw)  # fail here, naming the method, rather than mid-run
+            QuantConfig(**{k: v for k, v in kw.items() if k != "target_bpw"})  # fail here, naming the method
         except (ValueError, TypeError) as e:
             raise ValueError(f"method {name!r}: {e}") from None
-        return easyquant_method(**kw)
+        target = kw.pop("target_bpw", None)
+        return easyquant_method(**kw) if target is None else target_method(float(target), **kw)
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or easyquant:key=value/...")
 
 

@@ -308,7 +308,8 @@ def plan_tensors(ckpt: Path, dense: str, kind: BlockType | None, report: ExportR
         t = [source.tensors[f"{quantized[module]}.{n}"].load() for n in tensor_names(qconfig.asymmetric)]
         m = modules[module]
         shape = (m.out_features, m.in_features)
-        qw = QuantizedWeight(*t[:5], qconfig.bits, qconfig.group_size or shape[1], shape, torch.float16, *t[5:])
+        bits, group_size = qconfig.module_settings(quantized[module])
+        qw = QuantizedWeight(*t[:5], bits, group_size or shape[1], shape, torch.float16, *t[5:])
         qw.check(quantized[module])
         b = to_blocks(qw, bk)
         report.blocks += b.blocks
@@ -332,7 +333,7 @@ def plan_tensors(ckpt: Path, dense: str, kind: BlockType | None, report: ExportR
             rows, cols = modules[module].out_features, modules[module].in_features
             if cols % BLOCK:
                 raise EasyQuantError(f"{key}: {cols} input columns; llama.cpp blocks need a multiple of {BLOCK}")
-            bk = kind or block_type_for(qconfig.bits, qconfig.asymmetric)
+            bk = kind or block_type_for(qconfig.module_settings(quantized[module])[0], qconfig.asymmetric)
             report.quantized[name] = bk.name
             row_bytes = cols // BLOCK * bk.block_bytes
             make = partial(blocks, module, name, bk)

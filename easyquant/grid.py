@@ -49,7 +49,11 @@ class Grid:
 
     def codes(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Integer codes ``clamp(round(w / scale), qmin, qmax)`` (round half to even), as float."""
-        return torch.clamp(torch.round(w / scale), self.qmin, self.qmax)
+        return self.codes_(w / scale)
+
+    def codes_(self, ratio: torch.Tensor) -> torch.Tensor:
+        """:meth:`codes` from ``w / scale``, rounded and clamped in place."""
+        return ratio.round_().clamp_(self.qmin, self.qmax)
 
     def fake_quant(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``Q[w] = scale * codes``: what the dequantized weight will be."""

@@ -54,7 +54,25 @@ def _valid_outliers(v: object) -> bool:
 
 SETTINGS = tuple(QuantConfig.__dataclass_fields__)  # recorded for the record; loading needs bits and groups
 REQUIRED = ("format_version", "bits", "group_size", "modules")
-KEYS = {"quant_method", *REQUIRED, "skip", "include", *SETTINGS}
+KEYS = {"quant_method", *REQUIRED, "skip", "include", "target_bpw", *SETTINGS}
+PER_MODULE = ("bits", "group_size")  # format 4: a module's own settings (--target-bpw)
+
+
+def _valid_module(info: object) -> bool:
+    """``{"outliers": ...}``, with a Linear's own ``bits`` and ``group_size`` (None: per channel) or neither."""
+    if not isinstance(info, dict) or "outliers" not in info or not _valid_outliers(info["outliers"]):
+        return False
+    own = set(info) - {"outliers"}
+    if not own:
+        return True
+    if own != set(PER_MODULE) or not isinstance(info["outliers"], int):
+        return False
+    group = info["group_size"]
+    try:
+        QuantConfig(bits=info["bits"], group_size=group)
+    except (EasyQuantError, TypeError):
+        return False
+    return _is_int(info["bits"]) and (group is None or _is_int(group))
 
 
 class EasyQuantConfig(QuantizationConfigMixin):
@@ -82,25 +100,32 @@ class EasyQuantConfig(QuantizationConfigMixin):
             raise EasyQuantError(f"quantization_config: {e}") from None
         modules = kwargs["modules"]
         if not isinstance(modules, dict) or not all(
-            isinstance(k, str) and isinstance(v, dict) and set(v) == {"outliers"} and _valid_outliers(v["outliers"])
-            for k, v in modules.items()
+            isinstance(k, str) and _valid_module(v) for k, v in modules.items()
         ):
             raise EasyQuantError(
-                'quantization_config: modules must map module names to {"outliers": count >= 0}, or for experts to '
-                '{"outliers": {parameter: [count >= 0 per expert]}}'
+                'quantization_config: modules must map module names to {"outliers": count >= 0} (format 4: with '
+                '"bits" and "group_size" beside it), or for experts to {"outliers": {parameter: [count >= 0 per '
+                "expert]}}"
             )
+        target = kwargs.get("target_bpw")
+        if target is not None and not (isinstance(target, int | float) and 0 < target <= 16):
+            raise EasyQuantError(f"quantization_config: target_bpw must be a number of bits per weight, got {target!r}")
         for key in ("skip", "include"):
             if not isinstance(kwargs.get(key, []), list) or not all(isinstance(p, str) for p in kwargs.get(key, [])):
                 raise EasyQuantError(f"quantization_config: {key} must be a list of patterns")
         self.quant_method = METHOD
         self.format_version = version
-        if version < format_version(settings):
-            raise EasyQuantError(
-                f"quantization_config: these settings need format_version {format_version(settings)} or later"
-            )
+        needed = format_version(settings, any(len(v) > 1 for v in modules.values()))
+        if version < needed:
+            raise EasyQuantError(f"quantization_config: these settings need format_version {needed} or later")
         self.bits, self.group_size, self.modules = settings.bits, settings.group_size, modules
         self.asymmetric, self.col_scale = settings.asymmetric, settings.col_scale
-        self.settings = {k: kwargs[k] for k in (*SETTINGS, "skip", "include") if k in kwargs}
+        self.settings = {k: kwargs[k] for k in (*SETTINGS, "skip", "include", "target_bpw") if k in kwargs}
+
+    def module_settings(self, module: str) -> tuple[int, int | None]:
+        """A checkpoint module's bits and group size (None: per channel): its own, or the checkpoint's."""
+        info = self.modules[module]
+        return (info["bits"], info["group_size"]) if "bits" in info else (self.bits, self.group_size)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,17 +171,20 @@ def replace_linears(model: nn.Module, qconfig: EasyQuantConfig, dtype: torch.dty
     module: :class:`EasyQuantExperts`) of the stored shapes, checked against the model."""
     names = dict(model.named_modules())
 
-    def layer(module: str, rows: int, cols: int, bias: bool, outliers: int, device: torch.device) -> EasyQuantLinear:
+    def layer(
+        module: str, rows: int, cols: int, bias: bool, outliers: int, device: torch.device, settings: tuple
+    ) -> EasyQuantLinear:
         if outliers > rows * cols:
             raise EasyQuantError(
                 f"quantization_config: module {module!r} lists {outliers} outliers, more than its {rows}x{cols} weights"
             )
+        bits, group_size = settings
         return EasyQuantLinear(
             cols,
             rows,
             bias,
-            qconfig.bits,
-            qconfig.group_size or cols,
+            bits,
+            group_size or cols,
             outliers,
             dtype,
             device,
@@ -173,7 +201,13 @@ def replace_linears(model: nn.Module, qconfig: EasyQuantConfig, dtype: torch.dty
                     f"easyquant checkpoint lists module {module!r}, which this model has no Linear for"
                 )
             q = layer(
-                module, mod.out_features, mod.in_features, mod.bias is not None, info["outliers"], mod.weight.device
+                module,
+                mod.out_features,
+                mod.in_features,
+                mod.bias is not None,
+                info["outliers"],
+                mod.weight.device,
+                qconfig.module_settings(module),
             )
             model.set_submodule(name, q)
             continue
@@ -188,7 +222,8 @@ def replace_linears(model: nn.Module, qconfig: EasyQuantConfig, dtype: torch.dty
             _, a, b = weight.shape
             rows, cols = (b, a) if mod.is_transposed else (a, b)
             layers[param] = [
-                layer(f"{module}.{param}.{e}", rows, cols, False, n, weight.device) for e, n in enumerate(counts)
+                layer(f"{module}.{param}.{e}", rows, cols, False, n, weight.device, qconfig.module_settings(module))
+                for e, n in enumerate(counts)
             ]
         model.set_submodule(name, EasyQuantExperts(mod, layers))
 

@@ -38,8 +38,11 @@ class Objective:
         return e.abs().pow_(self.p)
 
     def loss(self, w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, grid: Grid) -> torch.Tensor:
-        """Per-row loss at per-row scales ``s`` (shape ``(rows,)``)."""
-        return self.weighted(grid.fake_quant(w, s[:, None]) - w, c)
+        """Per-row loss at per-row scales ``s`` (shape ``(rows,)``). Untraced, the error is made in
+        place, in one buffer: the solvers' scans evaluate this some 40 times per matrix."""
+        if s.requires_grad:
+            return self.weighted(grid.fake_quant(w, s[:, None]) - w, c)
+        return self.weighted(grid.codes_(w / s[:, None]).mul_(s[:, None]).sub_(w), c)
 
     def affine_loss(
         self, w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, m: torch.Tensor, grid: Grid
@@ -49,7 +52,8 @@ class Objective:
 
     def weighted(self, e: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """``sum_j c_j |e_j|^p`` per row."""
-        return (c * self.error_cost(e)).sum(dim=1)
+        cost = self.error_cost(e)  # a new tensor: safe to scale in place where untraced
+        return (c * cost if cost.requires_grad else cost.mul_(c)).sum(dim=1)
 
     def grad(self, w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, grid: Grid) -> torch.Tensor:
         """Exact ``dL/ds`` almost everywhere, by autograd through ``s * clamp(round(w / s))``:

@@ -35,6 +35,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from .allocate import plan as plan_settings
 from .errors import EasyQuantError
 from .quantize import QuantConfig, quantize_weight
 from .source import DTYPE_OF, INDEX, Source, TensorRef, fingerprint, loader_files, open_source
@@ -43,18 +44,20 @@ from .targets import Plan, Target, find_targets
 
 # 2: asymmetric weights (a uint8 zero point per row or group beside the scales).
 # 3: dual-axis weights (an fp16 scale per input column).
-FORMAT_VERSION = 3
+# 4: a bit width and group size per module (--target-bpw).
+FORMAT_VERSION = 4
 WORK_DIR = ".easyquant-work"
+PLAN = "plan.json"  # in the work folder: each module's settings under a bits budget, fixed once chosen
 SUMMARY = "easyquant_summary.md"
 RECORD = ".easyquant-run.json"
 # Below this share of the model's weights quantized, say so: most of the model stays in full precision.
 MIN_QUANTIZED_SHARE = 0.5
 
 
-def format_version(config: QuantConfig) -> int:
+def format_version(config: QuantConfig, per_module: bool = False) -> int:
     """The oldest format that holds weights made with ``config`` (what the checkpoint records, so
-    that older readers still load it where they can)."""
-    return 3 if config.col_scale else 2 if config.asymmetric else 1
+    that older readers still load it where they can); ``per_module``: settings vary by module."""
+    return 4 if per_module else 3 if config.col_scale else 2 if config.asymmetric else 1
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Options:
     skip: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
     max_shard_bytes: int = 2 * 1024**3
+    target_bpw: float | None = None  # a setting per module (easyquant.allocate) within this budget
 
 
 @dataclass
@@ -101,13 +105,23 @@ class Summary:
             f"checkpoint {self.source_bytes / 2**20:.1f} MiB -> {self.output_bytes / 2**20:.1f} MiB{left_out}"
         )
 
+    def settings_map(self) -> str:
+        """How many layers took each (bits, group size): the allocation a bits budget chose."""
+        counts: dict[tuple, int] = {}
+        for r in self.layers:
+            key = f"{r.get('bits')}-bit " + (
+                "per channel" if r.get("group_size") == r["cols"] else f"g{r.get('group_size')}"
+            )
+            counts[key] = counts.get(key, 0) + 1
+        return ", ".join(f"{n} at {key}" for key, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "out"}
 
     def markdown(self) -> str:
         rows = [
-            f"| {r['module']} | {r['rows']}x{r['cols']} | {r['bits_per_weight']:.3f} | {r['outliers']} | "
-            f"{r['outliers'] / (r['rows'] * r['cols']):.3%} |"
+            f"| {r['module']} | {r['rows']}x{r['cols']} | {r.get('bits', '-')} | {r.get('group_size', '-')} "
+            f"| {r['bits_per_weight']:.3f} | {r['outliers']} | {r['outliers'] / (r['rows'] * r['cols']):.3%} |"
             for r in self.layers
         ]
         return "\n".join(
@@ -116,8 +130,8 @@ class Summary:
                 "",
                 self.line(),
                 "",
-                "| module | shape | bits/weight | outliers | outlier fraction |",
-                "|---|---|---|---|---|",
+                "| module | shape | bits | group | bits/weight | outliers | outlier fraction |",
+                "|---|---|---|---|---|---|---|",
                 *rows,
                 "",
             ]
@@ -128,7 +142,7 @@ def _unit_path(work: Path, target: Target) -> Path:
     return work / "layers" / f"{target.module}.safetensors"
 
 
-Unit = tuple[Target, Path]
+Unit = tuple[Target, Path, QuantConfig]
 EXECUTORS = ("local", "ray")
 _worker_device: str = "cpu"
 
@@ -152,6 +166,8 @@ def quantize_unit(target: Target, config: QuantConfig, path: Path, device: str |
         "cols": qw.shape[1],
         "outliers": qw.outlier_count,
         "bits_per_weight": qw.bits_per_weight,
+        "bits": qw.bits,
+        "group_size": qw.group_size,
         **({"expert": True} if target.expert else {}),
         "seconds": time.perf_counter() - t0,
     }
@@ -257,9 +273,9 @@ def _quantize_args(args: tuple) -> dict:
     return quantize_unit(*args)
 
 
-def _local_results(todo: list[Unit], config: QuantConfig, workers: int, device: str) -> Iterator[dict]:
+def _local_results(todo: list[Unit], workers: int, device: str) -> Iterator[dict]:
     if workers <= 1:
-        for target, path in todo:
+        for target, path, config in todo:
             yield quantize_unit(target, config, path, device)
         return
     import multiprocessing as mp
@@ -269,10 +285,10 @@ def _local_results(todo: list[Unit], config: QuantConfig, workers: int, device: 
     threads = max(1, (os.cpu_count() or 1) // workers)
     # Leaving the block terminates the workers: a failing tensor stops the run at once.
     with ctx.Pool(workers, _init_worker, (devices, ctx.Value("i", 0), threads)) as pool:
-        yield from pool.imap_unordered(_quantize_args, [(target, config, path) for target, path in todo])
+        yield from pool.imap_unordered(_quantize_args, [(target, config, path) for target, path, config in todo])
 
 
-def _ray_results(todo: list[Unit], config: QuantConfig, device: str) -> Iterator[dict]:
+def _ray_results(todo: list[Unit], device: str) -> Iterator[dict]:
     """Tensors as Ray tasks: joins the cluster at RAY_ADDRESS (or the one already initialised, or
     starts a local one). Every node must see the source and OUT at the same paths."""
     try:
@@ -282,7 +298,7 @@ def _ray_results(todo: list[Unit], config: QuantConfig, device: str) -> Iterator
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     task = ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0)(quantize_unit)
-    pending = [task.remote(target, config, path, device) for target, path in todo]
+    pending = [task.remote(target, config, path, device) for target, path, config in todo]
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -292,10 +308,10 @@ def _ray_results(todo: list[Unit], config: QuantConfig, device: str) -> Iterator
             ray.cancel(ref, force=True)
 
 
-def _run_units(todo: list[Unit], config: QuantConfig, workers: int, device: str, executor: str, progress: bool) -> None:
-    total = sum(t.in_features * t.out_features for t, _ in todo)
+def _run_units(todo: list[Unit], workers: int, device: str, executor: str, progress: bool) -> None:
+    total = sum(t.in_features * t.out_features for t, _, _ in todo)
     done_weights, t0 = 0, time.perf_counter()
-    results = _ray_results(todo, config, device) if executor == "ray" else _local_results(todo, config, workers, device)
+    results = _ray_results(todo, device) if executor == "ray" else _local_results(todo, workers, device)
     with tqdm(total=len(todo), unit="tensor", desc="quantizing", disable=not progress or not todo) as bar:
         for row in results:
             done_weights += row["rows"] * row["cols"]
@@ -343,14 +359,20 @@ def _write_shards(out: Path, entries: list[Entry], max_bytes: int) -> int:
     return sum((out / name).stat().st_size for name in names)
 
 
-def quantization_config_dict(config: QuantConfig, options: Options, targets: list[Target], layers: list[dict]) -> dict:
+def quantization_config_dict(
+    config: QuantConfig, options: Options, targets: list[Target], layers: list[dict], per_module: bool = False
+) -> dict:
     """The checkpoint's ``quantization_config``: settings, and each quantized module with its
-    outlier count (an experts module: per parameter, one count per expert)."""
-    outliers = {r["module"]: r["outliers"] for r in layers}
+    outlier count (an experts module: per parameter, one count per expert); ``per_module``: with
+    each module's bits and group size (the row's length: per channel) too."""
+    rows = {r["module"]: r for r in layers}
+    outliers = {m: r["outliers"] for m, r in rows.items()}
     modules: dict[str, dict] = {}
     for t in targets:
         if t.expert is None:
             modules[t.module] = {"outliers": outliers[t.module]}
+            if per_module:
+                modules[t.module] |= {"bits": rows[t.module]["bits"], "group_size": rows[t.module]["group_size"]}
         else:
             experts, param, e = t.expert
             counts = modules.setdefault(experts, {"outliers": {}})["outliers"].setdefault(param, [])
@@ -358,8 +380,9 @@ def quantization_config_dict(config: QuantConfig, options: Options, targets: lis
             counts[e] = outliers[t.module]
     return {
         "quant_method": "easyquant",
-        "format_version": format_version(config),
+        "format_version": format_version(config, per_module),
         **config.to_dict(),
+        **({"target_bpw": options.target_bpw} if per_module else {}),
         "skip": list(options.skip),
         "include": list(options.include),
         "modules": modules,
@@ -402,7 +425,7 @@ def quantize_model(
                 "source": fingerprint(src),
                 "config": config.to_dict(),
                 "options": asdict(options),
-                "format_version": format_version(config),
+                "format_version": format_version(config, options.target_bpw is not None),
             }
         )
     )
@@ -429,6 +452,24 @@ def quantize_model(
     return summary
 
 
+def _module_configs(
+    work: Path, targets: list[Target], config: QuantConfig, target_bpw: float | None, progress: bool
+) -> dict[str, QuantConfig]:
+    """Each target's settings: ``config``, or under a bits budget the allocation, chosen once and
+    kept in the work folder so that a resumed run quantizes what it planned."""
+    if target_bpw is None:
+        return {t.module: config for t in targets}
+    experts = [t.module for t in targets if t.expert is not None]
+    if experts:
+        raise EasyQuantError(f"{experts[0]}: --target-bpw does not cover mixture-of-experts weights yet")
+    path = work / PLAN
+    if not path.is_file():
+        chosen = plan_settings([(t.module, t.source.load) for t in targets], config, target_bpw, progress)
+        atomic_write_json(path, {t.module: c.to_dict() for t, c in zip(targets, chosen, strict=True)})
+    stored = json.loads(path.read_text())
+    return {t.module: QuantConfig(**stored[t.module]) for t in targets}
+
+
 def _quantize_into(
     out: Path,
     work: Path,
@@ -444,10 +485,11 @@ def _quantize_into(
     source = open_source(src, work / "staging", allow_pickle)
     plan = find_targets(source, options.skip, options.include)
     targets = plan.targets
-    todo = [(t, _unit_path(work, t)) for t in targets if not _unit_path(work, t).is_file()]
+    configs = _module_configs(work, targets, config, options.target_bpw, progress)
+    todo = [(t, _unit_path(work, t), configs[t.module]) for t in targets if not _unit_path(work, t).is_file()]
     if device == "cuda":
         workers = workers if workers > 1 else torch.cuda.device_count()
-    _run_units(todo, config, workers, device, executor, progress)
+    _run_units(todo, workers, device, executor, progress)
     summary = Summary(out, [_read_row(_unit_path(work, t)) for t in targets])
     summary.source_bytes = sum(r.file.stat().st_size for r in {r.file: r for r in source.tensors.values()}.values())
     summary.model_weights = sum(math.prod(r.shape) for r in source.tensors.values() if r.dtype.is_floating_point)
@@ -465,6 +507,8 @@ def _quantize_into(
         atomic_write_bytes(out / f, (source.folder / f).read_bytes())
     atomic_write_bytes(out / SUMMARY, summary.markdown().encode())
     model_config = source.config
-    model_config["quantization_config"] = quantization_config_dict(config, options, targets, summary.layers)
+    model_config["quantization_config"] = quantization_config_dict(
+        config, options, targets, summary.layers, options.target_bpw is not None
+    )
     atomic_write_json(out / "config.json", model_config)
     return summary

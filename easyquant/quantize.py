@@ -15,6 +15,7 @@ from .objective import Objective
 from .outliers import Scope, sigma_mask
 from .packing import pack
 from .qweight import QuantizedWeight, csr_from_mask
+from .savings import savings_mask
 from .sinkhorn import column_scales
 from .solvers import SOLVERS, AffineSearch, RangeSolver, make_solver
 
@@ -26,6 +27,9 @@ WARN_OUTLIER_FRACTION = 0.05
 # large enough on a GPU to fill it.
 CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
 AFFINE_SOLVERS = ("search", "rtn")
+OUTLIER_RULES = ("sigma", "savings")
+# A group offers at most this many weights to the savings rule (each one more solve of the matrix).
+MAX_SAVINGS_DEPTH = 8
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,9 @@ class QuantConfig:
     ``t_j^(col_power * p)``: 0 is the plain normalised error (SINQ's), 1 the weight's own
     error, and the default -1 leans further towards columns of small spread, which tend to meet
     the largest activations (-1 had the lowest KL on SmolLM2 and tied on MiniLM: RESULTS.md).
+    ``outlier_rule="savings"`` keeps as many outliers as the sigma rule finds (per tensor or per
+    row, as ``outlier_scope`` says), but the ones whose removal lowers the loss most once the
+    ranges are solved again (:mod:`easyquant.savings`); it costs a few more solves per matrix.
 
     The defaults (groups of 64, outliers past 4 sigma, column scales, 4.35 bits per weight on a
     576-column model) are the setting with the lowest KL divergence at about 4.4 bits per weight
@@ -58,6 +65,7 @@ class QuantConfig:
     group_size: int | None = 64
     n_sigma: float | None = 4.0
     outlier_scope: Scope = "tensor"
+    outlier_rule: str = "sigma"
     solver: str = "search"
     p: float | None = None
     max_outlier_fraction: float = 0.1
@@ -76,6 +84,8 @@ class QuantConfig:
             raise EasyQuantError(f"n_sigma must be a positive number or None, got {self.n_sigma!r}")
         if self.outlier_scope not in ("tensor", "row"):
             raise EasyQuantError(f"outlier_scope must be 'tensor' or 'row', got {self.outlier_scope!r}")
+        if self.outlier_rule not in OUTLIER_RULES:
+            raise EasyQuantError(f"outlier_rule must be one of {', '.join(OUTLIER_RULES)}, got {self.outlier_rule!r}")
         if self.solver not in SOLVERS:
             raise EasyQuantError(f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVERS)}")
         if (self.lr is not None or self.steps is not None) and self.solver != "paper":
@@ -173,27 +183,31 @@ def quantize_weight(
     x = w.float()
     mask = outlier_mask(x, config, name)
 
-    c = (~mask).float()
+    importance = torch.ones(cols, device=x.device)
     if col_weight is not None:
         if col_weight.shape != (cols,) or not bool(torch.isfinite(col_weight).all()) or bool((col_weight < 0).any()):
             raise EasyQuantError(
                 f"{name}: col_weight must be {cols} finite non-negative values, got shape {tuple(col_weight.shape)}"
             )
-        c = c * col_weight.to(c)
+        importance = col_weight.to(importance)
     t = None
     if config.col_scale:  # solve on the column-normalised x / t, column j weighted by t_j^(col_power * p)
         t = column_scales(x, ~mask, gs)
-        c = c * t.pow(config.col_power * config.objective_p)
-    wg, cg = to_groups(x if t is None else x / t, gs), to_groups(c, gs)
-    solve = _solve_affine if config.asymmetric else _solve_symmetric
-    codes, scales, zeros = solve(wg, cg, config, grid, CHUNK_ELEMENTS.get(w.device.type, 1 << 20) // gs)
+        importance = importance * t.pow(config.col_power * config.objective_p)
+        x = x / t
+    step = CHUNK_ELEMENTS.get(w.device.type, 1 << 20) // gs
+    wg = to_groups(x, gs)
+    solved = _solve(wg, to_groups((~mask).float() * importance, gs), config, grid, step)
+    if config.outlier_rule == "savings" and bool(mask.any()):
+        mask, solved = _by_savings(x, importance, mask, solved, config, gs, step)
+    codes, scales, zeros = solved
     codes, scales = from_groups(codes, rows, cols), scales.reshape(rows, -1)
     zeros = None if zeros is None else zeros.reshape(rows, -1)
     # Outliers hold the code of 0 (qmin's distance from 0, or the zero point), so the dense part
     # adds nothing there and an outlier's stored value is the weight itself.
     zero_code = -grid.qmin if zeros is None else zeros.float().repeat_interleave(gs, dim=1)[:, :cols]
     codes = torch.where(mask, zero_code, codes)
-    rowptr, col_idx, values = csr_from_mask(mask, x)
+    rowptr, col_idx, values = csr_from_mask(mask, w.float())
     return QuantizedWeight(
         packed=pack(codes.to(torch.uint8), config.bits),
         scales=scales,
@@ -207,6 +221,48 @@ def quantize_weight(
         zeros=zeros,
         col_scales=None if t is None else t.half(),
     )
+
+
+Solved = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # codes, scales, zero points (or None)
+
+
+def _by_savings(
+    x: torch.Tensor,
+    importance: torch.Tensor,
+    mask: torch.Tensor,
+    solved: Solved,
+    config: QuantConfig,
+    gs: int,
+    step: int,
+) -> tuple[torch.Tensor, Solved]:
+    """The sigma rule's count of outliers (``mask``, solved as ``solved``) spent where it saves
+    most (:mod:`easyquant.savings`), kept only where that lowers the objective: the choice is
+    greedy on estimates, so it is checked against the sigma rule's."""
+    grid = Grid(config.bits)
+    wg = to_groups(x, gs)
+
+    def loss(wg: torch.Tensor, cg: torch.Tensor, solved: Solved | None = None) -> torch.Tensor:
+        return _loss(wg, cg, solved or _solve(wg, cg, config, grid, step), config, grid)
+
+    budget = mask.sum() if config.outlier_scope == "tensor" else mask.sum(dim=1)
+    depth = min(int(to_groups(mask, gs, fill=False).sum(dim=1).max()) + 1, MAX_SAVINGS_DEPTH)
+    alt = savings_mask(x, importance.expand_as(x), budget, gs, depth, loss)
+    cg, alt_cg = (to_groups((~m).float() * importance, gs) for m in (mask, alt))
+    alt_solved = _solve(wg, alt_cg, config, grid, step)
+    better = loss(wg, alt_cg, alt_solved).sum() < loss(wg, cg, solved).sum()
+    return (alt, alt_solved) if better else (mask, solved)
+
+
+def _solve(wg: torch.Tensor, cg: torch.Tensor, config: QuantConfig, grid: Grid, step: int) -> Solved:
+    """Codes, scales and (asymmetric) zero points of grouped rows."""
+    return (_solve_affine if config.asymmetric else _solve_symmetric)(wg, cg, config, grid, step)
+
+
+def _loss(wg: torch.Tensor, cg: torch.Tensor, solved: Solved, config: QuantConfig, grid: Grid) -> torch.Tensor:
+    """Each group's loss at its solved ranges, as stored (fp16 scales)."""
+    codes, scales, zeros = solved
+    levels = codes + grid.qmin if zeros is None else codes - zeros.float()[:, None]
+    return Objective(p=config.objective_p).weighted(levels * scales.float()[:, None] - wg, cg)
 
 
 def _chunks(n: int, step: int) -> range:

@@ -161,7 +161,8 @@ def _fit_scale(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, q: torch.Tenso
     the squared error, reweighted by ``|e|^(p-2)`` at the current scale ``s`` (IRLS) for ``p != 2``."""
     if p != 2:
         e = (s[:, None] * q - w).abs()
-        c = c * e.clamp_min(1e-12 * s[:, None]).pow(p - 2)
+        e = e.clamp_min_(1e-12 * s[:, None])
+        c = c * (e if p == 3 else e.pow_(p - 2))
     num, den = (c * w * q).sum(dim=1), (c * q * q).sum(dim=1)
     return torch.where(den > 0, num / den.clamp_min(1e-30), s).clamp_min(FP16_TINY)
 

@@ -78,7 +78,7 @@ class EasyQuantVllmConfig(QuantizationConfig):
         parts = _checkpoint_modules(prefix, self.packed_modules_mapping)
         listed = [p in self.config.modules for p in parts]
         if all(listed):
-            return EasyQuantLinearMethod(self.config)
+            return EasyQuantLinearMethod(self.config, parts)
         if any(listed):
             raise EasyQuantError(f"vLLM fuses {parts} into {prefix}, but the checkpoint quantized only some of them")
         return UnquantizedLinearMethod()
@@ -97,8 +97,9 @@ def _shard_order(layer: torch.nn.Module, shards: dict) -> list:
 
 
 class EasyQuantLinearMethod(LinearMethodBase):
-    def __init__(self, config: EasyQuantConfig):
+    def __init__(self, config: EasyQuantConfig, modules: list[str]):
         self.config = config
+        self.modules = modules  # the checkpoint's modules behind the layer, in shard order
 
     def create_weights(
         self,
@@ -128,8 +129,9 @@ class EasyQuantLinearMethod(LinearMethodBase):
         rows = t["outlier_rowptr"].numel() - 1
         name = f"{layer.prefix}[{shard}]" if shard is not None else layer.prefix
         names = tensor_names(self.config.asymmetric, self.config.col_scale)
-        qw = QuantizedWeight(*(t[n] for n in names[:5]), self.config.bits, self.config.group_size or cols,
-                             (rows, cols), dtype, **{n: t[n] for n in names[5:]})  # fmt: skip
+        bits, group_size = self.config.module_settings(self.modules[index])
+        qw = QuantizedWeight(*(t[n] for n in names[:5]), bits, group_size or cols, (rows, cols), dtype,
+                             **{n: t[n] for n in names[5:]})  # fmt: skip
         qw.check(name)
         if isinstance(layer, RowParallelLinear) and local_cols != cols:
             return take_cols(qw, layer.tp_rank * local_cols, (layer.tp_rank + 1) * local_cols)
@@ -153,10 +155,13 @@ class EasyQuantLinearMethod(LinearMethodBase):
         for name in names:
             delattr(layer, name)
         layer.easyquant_shards = None
-        # Dual-axis shards (q, k, v) each scale the shared input by their own column scales: then
-        # each runs on its own and the outputs are joined, as the fused layer's would be.
+        # Shards (q, k, v) that scale the shared input by their own column scales, or that have
+        # their own bits or groups (--target-bpw), each run on their own and the outputs are
+        # joined, as the fused layer's would be.
         scales = [p.col_scales for p in parts]
-        joint = scales[0] is None or all(torch.equal(c, scales[0]) for c in scales)
+        joint = len({(p.bits, p.group_size) for p in parts}) == 1 and (
+            scales[0] is None or all(torch.equal(c, scales[0]) for c in scales)
+        )
         layer.easyquant = torch.nn.ModuleList(
             EasyQuantLinear.from_quantized(qw.to(device), name=layer.prefix)
             for qw in ([stack_rows(parts)] if joint else parts)

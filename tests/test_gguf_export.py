@@ -24,7 +24,7 @@ from easyquant.assets import smollm2_gguf
 from easyquant.errors import EasyQuantError
 from easyquant.ggml_blocks import Q4_0, Q4_1, Q8_0, best_blocks, pack_blocks, reconstruct, to_blocks, unpack_blocks
 from easyquant.gguf_export import export_gguf
-from easyquant.pipeline import quantize_model
+from easyquant.pipeline import Options, quantize_model
 
 EXACT = QuantConfig(group_size=32, n_sigma=None, col_scale=False)
 PLAIN = QuantConfig(n_sigma=2.0, col_scale=False)  # GGUF holds no column scales; outliers in every layer
@@ -115,14 +115,14 @@ MORE = {  # transformers reads Qwen3's head_dim from a GGUF only at its default,
 }
 
 
-def _tiny_checkpoint(kind: str, tmp_path, tokenizer_dir, config: QuantConfig = EXACT):
+def _tiny_checkpoint(kind: str, tmp_path, tokenizer_dir, config: QuantConfig = EXACT, options: Options | None = None):
     cfg = copy.deepcopy(MORE.get(kind) or CONFIGS[kind])
     cfg.vocab_size, cfg.tie_word_embeddings = 49152, kind != "llama"  # the tokenizer's vocabulary
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "src")
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, tmp_path / "src")
-    quantize_model(tmp_path / "src", tmp_path / "q", config, progress=False)
+    quantize_model(tmp_path / "src", tmp_path / "q", config, options, progress=False)
     return tmp_path / "q"
 
 
@@ -155,6 +155,17 @@ def test_asymmetric_checkpoint_exports_as_q4_1(tmp_path, tokenizer_dir) -> None:
     got, want = _logits(tmp_path, gguf_file="m.gguf"), _logits(ckpt)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
     assert (got - want).abs().mean() < 3e-4
+
+
+def test_target_bpw_checkpoint_exports_each_module_at_its_bits(tmp_path, tokenizer_dir) -> None:
+    """Modules with bits of their own (--target-bpw): 3 and 4 bits as Q4_0, 5 as Q8_0, groups of 64
+    as pairs of 32-weight blocks; every code carries over."""
+    ckpt = _tiny_checkpoint("llama", tmp_path, tokenizer_dir, EXACT, Options(target_bpw=4.2))
+    modules = json.loads((ckpt / "config.json").read_text())["quantization_config"]["modules"]
+    assert len({m["bits"] for m in modules.values()}) > 1
+    report = export_gguf(ckpt, tmp_path / "m.gguf", dense="f32", progress=False)
+    assert report.requantized == 0 and set(report.quantized.values()) <= {"Q4_0", "Q8_0"}
+    torch.testing.assert_close(_logits(tmp_path, gguf_file="m.gguf"), _logits(ckpt), atol=2e-4, rtol=1e-4)
 
 
 def test_gemma_norms_are_stored_as_one_plus_weight(tmp_path, tokenizer_dir) -> None:

@@ -4,6 +4,7 @@ loaded back with from_pretrained, and compared with the same model dequantized i
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 
 import pytest
@@ -173,22 +174,26 @@ def test_sharded_source(tmp_path):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize(("kind", "units"), [("llama", 14), ("mixtral", 8 + 16)])
-def test_resume_after_interruption_gives_identical_checkpoint(tmp_path, kind, units):
+@pytest.mark.parametrize(
+    ("kind", "units", "target_bpw"), [("llama", 14, None), ("mixtral", 8 + 16, None), ("llama", 14, 4.4)]
+)
+def test_resume_after_interruption_gives_identical_checkpoint(tmp_path, kind, units, target_bpw):
+    """Also under a bits budget: the resumed run quantizes each layer as the plan it kept says."""
     import subprocess
     import sys
     import time
 
     src = tmp_path / "src"
     tiny_model(kind, src)
-    quantize_model(src, tmp_path / "clean", progress=False)
+    options = Options(target_bpw=target_bpw)
+    quantize_model(src, tmp_path / "clean", options=options, progress=False)
     out = tmp_path / "resumed"
     code = (
         "import sys, easyquant.pipeline as p, time\n"
         "orig = p.quantize_unit\n"
         "def slow(*a, **k):\n    r = orig(*a, **k); time.sleep(0.3); return r\n"
         "p.quantize_unit = slow\n"
-        f"p.quantize_model({str(src)!r}, {str(out)!r}, progress=False)\n"
+        f"p.quantize_model({str(src)!r}, {str(out)!r}, options=p.Options(target_bpw={target_bpw}), progress=False)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code])
     layers = out / ".easyquant-work" / "layers"
@@ -200,7 +205,8 @@ def test_resume_after_interruption_gives_identical_checkpoint(tmp_path, kind, un
     done = len(list(layers.glob("*.safetensors")))
     assert 3 <= done < units, "the run should have been killed part-way"
     assert not (out / "config.json").exists()
-    quantize_model(src, out, progress=False)
+    assert (out / ".easyquant-work" / "plan.json").is_file() == (target_bpw is not None)
+    quantize_model(src, out, options=options, progress=False)
     assert _checkpoint_bytes(tmp_path / "clean") == _checkpoint_bytes(out)
     assert not (out / ".easyquant-work").exists()
 
@@ -374,3 +380,13 @@ def test_quantize_on_cuda(tmp_path):
         with torch.no_grad():
             logits.append(model(x).logits.float())
     torch.testing.assert_close(logits[0], logits[1], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="Ray is installed: it would start a cluster")
+def test_cli_passes_the_executor_on(tmp_path, capsys):
+    """`--executor ray` reaches the pipeline (which, without Ray installed, says how to get it)."""
+    from easyquant.cli import main
+
+    tiny_model("llama", tmp_path / "src")
+    assert main(["quantize", str(tmp_path / "src"), str(tmp_path / "out"), "--executor", "ray"]) == 2
+    assert "--executor ray needs Ray: pip install 'easyquant[ray]'" in capsys.readouterr().err

@@ -18,7 +18,7 @@ import easyquant  # noqa: F401  (registers the transformers loader)
 from conftest import tiny_model
 from easyquant import QuantConfig
 from easyquant.assets import smollm2_gguf
-from easyquant.pipeline import quantize_model
+from easyquant.pipeline import Options, quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -75,28 +75,33 @@ def _tiny(kind: str, folder: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "kind, config, tp",
+    "kind, config, tp, options",
     [
-        ("llama", QuantConfig(), 1),
-        ("llama", QuantConfig(), 2),
-        ("qwen2", QuantConfig(bits=3, group_size=32, outlier_scope="row"), 2),
-        ("llama", QuantConfig(group_size=32, asymmetric=True), 2),
-        ("llama", QuantConfig(group_size=32, col_scale=True), 2),
+        ("llama", QuantConfig(), 1, Options()),
+        ("llama", QuantConfig(), 2, Options()),
+        ("qwen2", QuantConfig(bits=3, group_size=32, outlier_scope="row"), 2, Options()),
+        ("llama", QuantConfig(group_size=32, asymmetric=True), 2, Options()),
+        ("llama", QuantConfig(group_size=32, col_scale=True), 2, Options()),
+        ("qwen2", QuantConfig(group_size=32), 2, Options(target_bpw=4.3)),
     ],
     ids=[
-        "llama-per-channel",
-        "llama-per-channel-tp2",
+        "llama-default",
+        "llama-default-tp2",
         "qwen2-3bit-g32-bias-tp2",
         "llama-asymmetric-g32-tp2",
         "llama-col-scale-g32-tp2",
+        "qwen2-target-bpw-tp2",
     ],
 )
-def test_vllm_matches_transformers_on_tiny_models(tmp_path, kind, config, tp) -> None:
+def test_vllm_matches_transformers_on_tiny_models(tmp_path, kind, config, tp, options) -> None:
     """tp=2: vLLM's own tensor parallelism (two CPU workers): q/k/v and gate/up cut by rows, o and
     down by columns, the one KV head replicated on both ranks. Dual-axis q/k/v and gate/up, each
-    with column scales of its own, run as separate shards of the fused layer."""
+    with column scales of its own, run as separate shards of the fused layer; so do shards with
+    bits or groups of their own (--target-bpw)."""
     _tiny(kind, tmp_path / "src")
-    summary = quantize_model(tmp_path / "src", tmp_path / "q", config, progress=False)
+    summary = quantize_model(tmp_path / "src", tmp_path / "q", config, options, progress=False)
+    if options.target_bpw:
+        assert len({(r["bits"], r["group_size"]) for r in summary.layers}) > 1
     assert summary.outlier_fraction > 0  # the fused layers carry outliers through the plugin
     want = hf_generate(tmp_path / "q", PROMPTS, 12)
     assert_same(vllm_generate(tmp_path / "q", PROMPTS, 12, tp), want)

@@ -1,0 +1,143 @@
+"""Bits where they matter (``--target-bpw``): the knapsack, the plan, and checkpoints whose
+modules each carry their own bits and group size (format 4), loaded and served."""
+
+import itertools
+import json
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import claim_format, heavy_tailed, tiny_model
+from easyquant import EasyQuantError, QuantConfig, quantize_weight
+from easyquant.allocate import Choice, allocate, menu, plan
+from easyquant.cli import main
+from easyquant.pipeline import Options, quantize_model
+
+choice = st.builds(Choice, bits=st.integers(1, 40).map(float), error=st.floats(0, 10))
+layers = st.lists(st.lists(choice, min_size=1, max_size=4), min_size=1, max_size=4)
+
+
+def _cost(layers: list[list[Choice]], pick: list[int]) -> tuple[float, float]:
+    return sum(c[i].bits for c, i in zip(layers, pick, strict=True)), sum(
+        c[i].error for c, i in zip(layers, pick, strict=True)
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(layers=layers, slack=st.floats(0, 1))
+def test_allocation_stays_in_budget_and_near_the_best(layers, slack):
+    cheapest = sum(min(c.bits for c in row) for row in layers)
+    dearest = sum(max(c.bits for c in row) for row in layers)
+    budget = cheapest + slack * (dearest - cheapest)
+    pick = allocate(layers, budget)
+    bits, error = _cost(layers, pick)
+    assert bits <= budget
+    feasible = [_cost(layers, p) for p in itertools.product(*(range(len(r)) for r in layers))]
+    best = min(e for b, e in feasible if b <= budget)
+    # Greedy on the convex hulls: within one layer's largest single improvement of the optimum.
+    largest = max(max(c.error for c in row) - min(c.error for c in row) for row in layers)
+    assert best <= error <= best + largest + 1e-9
+    if budget >= dearest:  # room for everything: each layer at its least error
+        assert error == pytest.approx(sum(min(c.error for c in row) for row in layers))
+
+
+def test_allocation_refuses_a_budget_below_the_cheapest():
+    with pytest.raises(EasyQuantError, match="below the cheapest"):
+        allocate([[Choice(10, 1.0), Choice(20, 0.5)]], 9)
+
+
+def test_menu_spans_bits_groups_and_outliers():
+    settings_ = {(c.bits, c.group_size, c.n_sigma) for c in menu(QuantConfig())}
+    assert settings_ == set(itertools.product((3, 4, 5), (64, 128), (4.0, None)))
+    assert {(c.bits, c.group_size) for c in menu(QuantConfig(bits=2, group_size=None, n_sigma=None))} == {
+        (2, None),
+        (3, None),
+    }
+
+
+def test_plan_gives_the_harder_layer_more_bits():
+    # Two layers of equal size: one Gaussian, one heavy-tailed (larger error at every setting).
+    easy, hard = torch.randn(64, 128) * 0.02, heavy_tailed(64, 128, seed=1, df=2.5)
+    weights = [("easy", lambda: easy), ("hard", lambda: hard)]
+    base = QuantConfig(group_size=64, col_scale=False)
+    chosen = plan(weights, base, 4.3, progress=False)
+    got = sum(quantize_weight(w, c).bits_per_weight for w, c in zip((easy, hard), chosen, strict=True)) / 2
+    assert got <= 4.3
+    assert chosen[0] != chosen[1]
+    with pytest.raises(EasyQuantError, match="below the least these settings reach"):
+        plan(weights, base, 3.0, progress=False)
+
+
+def test_target_bpw_checkpoint_loads_with_each_modules_settings(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    tiny_model("llama", src)
+    main(["quantize", str(src), str(out), "--target-bpw", "4.3", "--group-size", "32"])
+    printed = capsys.readouterr().out
+    assert "settings chosen for 4.3 bits/weight:" in printed and "-bit g" in printed
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format_version"] == 4 and qc["target_bpw"] == 4.3
+    settings_ = {(m["bits"], m["group_size"]) for m in qc["modules"].values()}
+    assert len(settings_) > 1  # a mix, not one setting everywhere
+    summary = (out / "easyquant_summary.md").read_text()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    bits = n = 0
+    for name, lin in ref.named_modules():
+        if name not in qc["modules"]:
+            continue
+        m = qc["modules"][name]
+        # The plan's setting: its bits and groups, outliers kept or not as the stored count says.
+        made = (quantize_weight(lin.weight.data, c) for c in menu(QuantConfig(group_size=32)) if c.bits == m["bits"])
+        qw = next(q for q in made if (q.group_size, q.outlier_count) == (m["group_size"], m["outliers"]))
+        bits, n = bits + qw.bits_per_weight * lin.weight.numel(), n + lin.weight.numel()
+        lin.weight.data = qw.dequantize()
+        assert f"| {name} | {lin.out_features}x{lin.in_features} | {m['bits']} | {m['group_size']} |" in summary
+    assert bits / n <= 4.3
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, ref(x).logits, rtol=1e-4, atol=1e-4)
+
+    # Format 4 is what per-module settings need; a damaged entry is refused by name.
+    claim_format(out, 3)
+    with pytest.raises(EasyQuantError, match="need format_version 4"):
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+    claim_format(out, 4)
+    config = json.loads((out / "config.json").read_text())
+    first = next(iter(config["quantization_config"]["modules"]))
+    for bad in ({"bits": 12}, {"group_size": 0}, {"bits": None}):
+        damaged = json.loads(json.dumps(config))
+        damaged["quantization_config"]["modules"][first] |= bad
+        (out / "config.json").write_text(json.dumps(damaged))
+        with pytest.raises(EasyQuantError, match="modules must map module names"):
+            transformers.AutoModelForCausalLM.from_pretrained(out)
+    damaged = json.loads(json.dumps(config))
+    del damaged["quantization_config"]["modules"][first]["group_size"]
+    (out / "config.json").write_text(json.dumps(damaged))
+    with pytest.raises(EasyQuantError, match="modules must map module names"):
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_target_bpw_refuses_what_it_cannot_reach(tmp_path):
+    src = tmp_path / "src"
+    tiny_model("qwen2", src)
+    with pytest.raises(EasyQuantError, match="target of 1 bits per weight is below the least"):
+        quantize_model(src, tmp_path / "low", QuantConfig(group_size=32), Options(target_bpw=1.0), progress=False)
+    tiny_model("mixtral", tmp_path / "moe")
+    with pytest.raises(EasyQuantError, match="does not cover mixture-of-experts weights yet"):
+        quantize_model(tmp_path / "moe", tmp_path / "moe-q", options=Options(target_bpw=4.4), progress=False)
+
+
+def test_compare_row_under_a_bits_budget(tmp_path):
+    from easyquant.compare import compare, resolve
+
+    with pytest.raises(ValueError, match="bits must be an integer"):
+        resolve("easyquant:target_bpw=4.3/bits=12")
+    model = tiny_model("qwen2", tmp_path / "m")
+    x = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    _, rows = compare(model, x, x, ["easyquant:group_size=32/target_bpw=4.3", "easyquant:group_size=32"], [4], 0)
+    budget, fixed = rows
+    assert budget.bits_per_weight <= 4.3 < fixed.bits_per_weight
+    assert budget.kl_mean > 0 and budget.quantized_share == fixed.quantized_share
