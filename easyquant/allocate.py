@@ -2,9 +2,11 @@
 
 Each layer is quantized at every setting of a small menu (bit width one below, at and one above
 the base, groups of the base size and twice it, outliers kept or not) and each result scored by
-its own relative error ``||W - Q[W]||^2 / ||W||^2``: every layer adds its error to the model's
-output in proportion to its output, whatever its size, so the sum over layers is what a budget
-should minimise. Choosing one setting per layer to minimise that sum under the budget is a
+its relative error ``||W - Q[W]||^2 / ||W||^2`` times its size: the sum over layers is then the
+model's mean relative error per weight. (The plain sum of relative errors, each layer counted
+once whatever its size, was tried first: it gave small layers bits that large ones needed and
+lost to one setting everywhere on MiniLM; RESULTS.md, "Bits per layer".) Choosing one setting per
+layer to minimise that sum under the budget is a
 multiple-choice knapsack, solved the standard way: each layer keeps only its lower convex hull of
 (bits, error), starts at its cheapest point, and the budget buys the steps of best error saved
 per bit first (a layer's steps in order, since the hull makes them ever less efficient).
@@ -109,7 +111,7 @@ def plan(
         row = []
         for c in options:
             qw, err = relative_error(w, c, name)
-            row.append(Choice(qw.bits_per_weight * w.numel(), err))
+            row.append(Choice(qw.bits_per_weight * w.numel(), err * w.numel()))
         table.append(row)
     least = sum(min(c.bits for c in row) for row in table) / max(total, 1)
     if target_bpw < least:

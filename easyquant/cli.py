@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="BITS",
         help="choose bits (--bits -1, 0, +1), group size (--group-size, twice it) and outliers (kept or not) per "
-        "layer within this many bits per weight over all quantized layers, from each layer's own error "
+        "layer within this many bits per weight over all quantized layers, from each layer's error "
         "(a data-free knapsack; quantizes each layer 12 times more to choose)",
     )
     q.add_argument("--workers", type=int, default=1, help="parallel worker processes (CUDA: one per GPU)")
