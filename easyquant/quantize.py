@@ -199,7 +199,7 @@ def quantize_weight(
     wg = to_groups(x, gs)
     solved = _solve(wg, to_groups((~mask).float() * importance, gs), config, grid, step)
     if config.outlier_rule == "savings" and bool(mask.any()):
-        mask, solved = _by_savings(x, importance, mask, solved, config, gs, step)
+        mask, solved = _by_savings(x, wg, importance, mask, solved, config, grid, step)
     codes, scales, zeros = solved
     codes, scales = from_groups(codes, rows, cols), scales.reshape(rows, -1)
     zeros = None if zeros is None else zeros.reshape(rows, -1)
@@ -228,18 +228,18 @@ Solved = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # codes, scales
 
 def _by_savings(
     x: torch.Tensor,
+    wg: torch.Tensor,
     importance: torch.Tensor,
     mask: torch.Tensor,
     solved: Solved,
     config: QuantConfig,
-    gs: int,
+    grid: Grid,
     step: int,
 ) -> tuple[torch.Tensor, Solved]:
     """The sigma rule's count of outliers (``mask``, solved as ``solved``) spent where it saves
     most (:mod:`easyquant.savings`), kept only where that lowers the objective: the choice is
-    greedy on estimates, so it is checked against the sigma rule's."""
-    grid = Grid(config.bits)
-    wg = to_groups(x, gs)
+    greedy on estimates, so it is checked against the sigma rule's. ``wg``: ``x`` in groups."""
+    gs = wg.shape[1]
 
     def loss(wg: torch.Tensor, cg: torch.Tensor, solved: Solved | None = None) -> torch.Tensor:
         return _loss(wg, cg, solved or _solve(wg, cg, config, grid, step), config, grid)
