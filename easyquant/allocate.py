@@ -98,13 +98,15 @@ def relative_error(w: torch.Tensor, config: QuantConfig, name: str) -> tuple[Qua
     return qw, ((qw.dequantize(torch.float32) - x).square().sum() / x.square().sum().clamp_min(1e-30)).item()
 
 
-def plan(
-    weights: list[tuple[str, Callable[[], torch.Tensor]]], base: QuantConfig, target_bpw: float, progress: bool = True
-) -> list[QuantConfig]:
-    """A setting from :func:`menu` for each named weight (loaded one at a time), the total within
-    ``target_bpw`` bits per weight over them all."""
-    options = menu(base)
-    table, total = [], 0
+def score(
+    weights: list[tuple[str, Callable[[], torch.Tensor]]], options: list[QuantConfig], progress: bool = True
+) -> tuple[dict[str, list[Choice]], int]:
+    """Each named weight (loaded one at a time) quantized at every one of ``options``: a row of
+    choices per name, and how many weights there are. Weights that share a name (the experts of
+    one module) are one unit: their rows summed, one setting for them all. Apart from
+    :func:`choose` so that one scoring serves several budgets."""
+    table: dict[str, list[Choice]] = {}
+    total = 0
     for name, load in tqdm(weights, desc="allocating bits", unit="tensor", disable=not progress):
         w = load()
         total += w.numel()
@@ -112,11 +114,31 @@ def plan(
         for c in options:
             qw, err = relative_error(w, c, name)
             row.append(Choice(qw.bits_per_weight * w.numel(), err * w.numel()))
-        table.append(row)
-    least = sum(min(c.bits for c in row) for row in table) / max(total, 1)
+        if name in table:
+            row = [Choice(a.bits + b.bits, a.error + b.error) for a, b in zip(table[name], row, strict=True)]
+        table[name] = row
+    return table, total
+
+
+def choose(
+    table: dict[str, list[Choice]], total: int, options: list[QuantConfig], target_bpw: float
+) -> dict[str, QuantConfig]:
+    """A setting from ``options`` for each unit of :func:`score`'s ``table``, the total within
+    ``target_bpw`` bits per weight over all ``total`` weights."""
+    rows = list(table.values())
+    least = sum(min(c.bits for c in row) for row in rows) / max(total, 1)
     if target_bpw < least:
         raise EasyQuantError(
             f"target of {target_bpw:g} bits per weight is below the least these settings reach here ({least:.3f}); "
             "lower --bits or raise the target"
         )
-    return [options[i] for i in allocate(table, target_bpw * total)]
+    return {name: options[i] for name, i in zip(table, allocate(rows, target_bpw * total), strict=True)}
+
+
+def plan(
+    weights: list[tuple[str, Callable[[], torch.Tensor]]], base: QuantConfig, target_bpw: float, progress: bool = True
+) -> dict[str, QuantConfig]:
+    """A setting from :func:`menu` for each name of ``weights`` (weights that share one share it),
+    the total within ``target_bpw`` bits per weight over them all."""
+    options = menu(base)
+    return choose(*score(weights, options, progress), options, target_bpw)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import plan
+from .allocate import Choice, choose, menu, score
 from .evaluate import Reference, evaluate, generation_speed
 from .gptq import gptq_model
 from .nn import swap_in_quantized
@@ -51,6 +51,7 @@ class Quantized:
     weights: int  # how many weights it quantized
     experts: bool = False  # whether those include the experts
     packed: dict[str, QuantizedWeight] | None = None
+    reused_seconds: float = 0.0  # time of shared work done for an earlier row, counted in this row's time too
 
 
 # A method quantizes the given linears of a model in place (calibration windows for the data-dependent one).
@@ -87,19 +88,34 @@ def easyquant_method(**kw: object) -> Method:
     return _per_layer(one)
 
 
-def target_method(target_bpw: float, **kw: object) -> Method:
-    """easyquant with a setting per layer (:func:`easyquant.allocate.plan`) within ``target_bpw``
-    bits per weight over the linears, from a base of the row's bits and ``kw``."""
+# What target_method has scored: (base setting, layer names) -> (options, score's table and count, seconds).
+Scores = dict[tuple[QuantConfig, tuple[str, ...]], tuple[list[QuantConfig], dict[str, list[Choice]], int, float]]
+
+
+def target_method(target_bpw: float, scores: Scores | None = None, **kw: object) -> Method:
+    """easyquant with a setting per layer (:func:`easyquant.allocate.choose`) within ``target_bpw``
+    bits per weight over the linears, from a base of the row's bits and ``kw``. Rows that share
+    ``scores`` (one compare run: its weights restored between rows) score each base only once:
+    the 12 settings per layer are most of the time (each row's time still includes it)."""
+    scores = {} if scores is None else scores
 
     def run(model: nn.Module, linears: Linears, bits: int, calib: torch.Tensor) -> Quantized:
         weights = [(name, lin.weight.data) for name, lin in linears]
-        configs = plan([(n, lambda w=w: w) for n, w in weights], QuantConfig(bits=bits, **kw), target_bpw, False)
-        packed = {name: quantize_weight(w, c, name=name) for (name, w), c in zip(weights, configs, strict=True)}
-        total = sum(w.numel() for _, w in weights)
+        base = QuantConfig(bits=bits, **kw)
+        key = (base, tuple(name for name, _ in weights))
+        reused = key in scores
+        if not reused:
+            t0, options = time.perf_counter(), menu(base)
+            table, total = score([(n, lambda w=w: w) for n, w in weights], options, False)
+            scores[key] = (options, table, total, time.perf_counter() - t0)
+        options, table, total, seconds = scores[key]
+        configs = choose(table, total, options, target_bpw)
+        packed = {name: quantize_weight(w, configs[name], name=name) for name, w in weights}
         for name, w in weights:
             w.copy_(packed[name].dequantize())
         bits_sum = sum(q.bits_per_weight * q.shape[0] * q.shape[1] for q in packed.values())
-        return Quantized(bits_sum / total, sum(q.outlier_count for q in packed.values()) / total, total, False, packed)
+        outliers = sum(q.outlier_count for q in packed.values()) / total
+        return Quantized(bits_sum / total, outliers, total, False, packed, seconds if reused else 0.0)
 
     return run
 
@@ -155,11 +171,11 @@ def _value(text: str) -> object:
     return text
 
 
-def resolve(name: str) -> Method:
+def resolve(name: str, scores: Scores | None = None) -> Method:
     """A method by name, or ``easyquant:key=value/key=value`` with any :class:`QuantConfig`
     field (``easyquant:n_sigma=none/solver=search``), which is how the studies sweep settings;
     ``target_bpw=4.25`` among them chooses a setting per layer within that budget, from a base
-    of the row's bits and the other fields."""
+    of the row's bits and the other fields (``scores``: shared by the target rows of one run)."""
     if name in METHODS:
         return METHODS[name]
     head, _, spec = name.partition(":")
@@ -170,7 +186,7 @@ def resolve(name: str) -> Method:
         except (ValueError, TypeError) as e:
             raise ValueError(f"method {name!r}: {e}") from None
         target = kw.pop("target_bpw", None)
-        return easyquant_method(**kw) if target is None else target_method(float(target), **kw)
+        return easyquant_method(**kw) if target is None else target_method(float(target), scores, **kw)
     raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or easyquant:key=value/...")
 
 
@@ -212,7 +228,8 @@ def compare(
     method quantizes ``model`` itself, restored after its row, instead of a copy), with
     its floating-point tensors in ``gen_dtype`` (bf16 by default: on a CPU, what runs 4-bit
     weights through torch's int4 kernel; the reference is timed in the same dtype)."""
-    runs = {name: resolve(name) for name in methods}
+    scores: Scores = {}
+    runs = {name: resolve(name, scores) for name in methods}
     model.eval()
     model_weights = sum(p.numel() for p in model.parameters() if p.dtype.is_floating_point)
 
@@ -239,7 +256,7 @@ def compare(
             linears = block_linears(m)
             t0 = time.perf_counter()
             result = runs[name](m, linears, b, calib)
-            seconds = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0 + result.reused_seconds
             # The weights it quantized (linears first, then experts), against the originals.
             pairs = list(zip(quantizable(m), originals, strict=True))[: None if result.experts else len(linears)]
             err = sum((w.float() - o).square().sum().item() for w, o in pairs)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .compare import resolve
+from .compare import Scores, resolve
 from .targets import block_linears
 
 
@@ -57,7 +57,8 @@ class EncoderRow:
 def encoder_compare(
     model: nn.Module, batch: dict, calib: torch.Tensor, methods: list[str], bits: list[int]
 ) -> list[EncoderRow]:
-    runs = {name: resolve(name) for name in methods}
+    scores: Scores = {}  # each copy starts from the same weights
+    runs = {name: resolve(name, scores) for name in methods}
     model.eval()
     ref = embed(model, batch)
     ref_nn = _neighbours(ref)
@@ -66,8 +67,8 @@ def encoder_compare(
         for name, run in runs.items():
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
-            bpw = run(m, block_linears(m), b, calib).bits_per_weight
-            seconds = time.perf_counter() - t0
+            result = run(m, block_linears(m), b, calib)
+            seconds, bpw = time.perf_counter() - t0 + result.reused_seconds, result.bits_per_weight
             e = embed(m, batch)
             cos = (e * ref).sum(-1)
             agree = (_neighbours(e) == ref_nn).float().mean().item()

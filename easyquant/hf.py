@@ -59,13 +59,14 @@ PER_MODULE = ("bits", "group_size")  # format 4: a module's own settings (--targ
 
 
 def _valid_module(info: object) -> bool:
-    """``{"outliers": ...}``, with a Linear's own ``bits`` and ``group_size`` (None: per channel) or neither."""
+    """``{"outliers": ...}``, with the module's own ``bits`` and ``group_size`` (None: per channel;
+    an experts module: one setting for all its experts) or neither."""
     if not isinstance(info, dict) or "outliers" not in info or not _valid_outliers(info["outliers"]):
         return False
     own = set(info) - {"outliers"}
     if not own:
         return True
-    if own != set(PER_MODULE) or not isinstance(info["outliers"], int):
+    if own != set(PER_MODULE):
         return False
     group = info["group_size"]
     try:
@@ -103,9 +104,9 @@ class EasyQuantConfig(QuantizationConfigMixin):
             isinstance(k, str) and _valid_module(v) for k, v in modules.items()
         ):
             raise EasyQuantError(
-                'quantization_config: modules must map module names to {"outliers": count >= 0} (format 4: with '
-                '"bits" and "group_size" beside it), or for experts to {"outliers": {parameter: [count >= 0 per '
-                "expert]}}"
+                'quantization_config: modules must map module names to {"outliers": count >= 0}, or for experts to '
+                '{"outliers": {parameter: [count >= 0 per expert]}} (format 4: with "bits" and "group_size" beside '
+                "it)"
             )
         target = kwargs.get("target_bpw")
         if target is not None and not (isinstance(target, int | float) and 0 < target <= 16):

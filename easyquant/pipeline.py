@@ -378,6 +378,10 @@ def quantization_config_dict(
             counts = modules.setdefault(experts, {"outliers": {}})["outliers"].setdefault(param, [])
             counts.extend([None] * (e + 1 - len(counts)))
             counts[e] = outliers[t.module]
+            if per_module:  # one setting for the module's experts (the plan's unit)
+                # Groups as wide as the widest matrix needs: a reader's min(group, columns) gives each its own.
+                group = max(rows[t.module]["group_size"], modules[experts].get("group_size", 0))
+                modules[experts] |= {"bits": rows[t.module]["bits"], "group_size": group}
     return {
         "quant_method": "easyquant",
         "format_version": format_version(config, per_module),
@@ -459,13 +463,12 @@ def _module_configs(
     kept in the work folder so that a resumed run quantizes what it planned."""
     if target_bpw is None:
         return {t.module: config for t in targets}
-    experts = [t.module for t in targets if t.expert is not None]
-    if experts:
-        raise EasyQuantError(f"{experts[0]}: --target-bpw does not cover mixture-of-experts weights yet")
     path = work / PLAN
     if not path.is_file():
-        chosen = plan_settings([(t.module, t.source.load) for t in targets], config, target_bpw, progress)
-        atomic_write_json(path, {t.module: c.to_dict() for t, c in zip(targets, chosen, strict=True)})
+        # A Linear is a unit of its own; an experts module (every expert of every parameter) is one unit.
+        units = [(t.module if t.expert is None else t.expert[0], t) for t in targets]
+        chosen = plan_settings([(u, t.source.load) for u, t in units], config, target_bpw, progress)
+        atomic_write_json(path, {t.module: chosen[u].to_dict() for u, t in units})
     stored = json.loads(path.read_text())
     return {t.module: QuantConfig(**stored[t.module]) for t in targets}
 

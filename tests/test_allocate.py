@@ -64,9 +64,12 @@ def test_plan_gives_the_harder_layer_more_bits():
     weights = [("easy", lambda: easy), ("hard", lambda: hard)]
     base = QuantConfig(group_size=64, col_scale=False)
     chosen = plan(weights, base, 4.3, progress=False)
-    got = sum(quantize_weight(w, c).bits_per_weight for w, c in zip((easy, hard), chosen, strict=True)) / 2
+    got = sum(quantize_weight(w, chosen[name]).bits_per_weight for name, w in (("easy", easy), ("hard", hard))) / 2
     assert got <= 4.3
-    assert chosen[0] != chosen[1]
+    assert chosen["easy"] != chosen["hard"]
+    # Weights that share a name are one unit: one setting, their errors and bits summed.
+    shared = plan([("both", lambda: easy), ("both", lambda: hard)], base, 4.3, progress=False)
+    assert list(shared) == ["both"]
     with pytest.raises(EasyQuantError, match="below the least these settings reach"):
         plan(weights, base, 3.0, progress=False)
 
@@ -125,9 +128,38 @@ def test_target_bpw_refuses_what_it_cannot_reach(tmp_path):
     tiny_model("qwen2", src)
     with pytest.raises(EasyQuantError, match="target of 1 bits per weight is below the least"):
         quantize_model(src, tmp_path / "low", QuantConfig(group_size=32), Options(target_bpw=1.0), progress=False)
-    tiny_model("mixtral", tmp_path / "moe")
-    with pytest.raises(EasyQuantError, match="does not cover mixture-of-experts weights yet"):
-        quantize_model(tmp_path / "moe", tmp_path / "moe-q", options=Options(target_bpw=4.4), progress=False)
+
+
+def test_target_bpw_gives_each_experts_module_one_setting(tmp_path):
+    from easyquant.nn import EasyQuantExperts
+    from easyquant.source import open_source
+    from easyquant.targets import find_targets
+
+    src, out = tmp_path / "moe", tmp_path / "q"
+    tiny_model("mixtral", src)
+    base = QuantConfig(group_size=32)
+    summary = quantize_model(src, out, base, Options(target_bpw=4.4), progress=False)
+    assert summary.bits_per_weight <= 4.4
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format_version"] == 4
+    experts = {m: info for m, info in qc["modules"].items() if isinstance(info["outliers"], dict)}
+    assert len(experts) == 2 and len({(m["bits"], m["group_size"]) for m in qc["modules"].values()}) > 1
+    rows = {r["module"]: r for r in summary.layers}
+    targets = find_targets(open_source(src, tmp_path / "staging"), (), ()).targets
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    modules = dict(loaded.named_modules())
+    for t in (t for t in targets if t.expert is not None):
+        module, param, e = t.expert
+        info = experts[module]
+        row = rows[t.module]
+        assert (row["bits"], row["group_size"]) == (info["bits"], min(info["group_size"], row["cols"]))
+        # The loaded expert holds what the module's setting makes of that expert's matrix.
+        layer = getattr(modules[module], param)[e]
+        assert isinstance(modules[module], EasyQuantExperts) and layer.bits == info["bits"]
+        made = (quantize_weight(t.source.load(), c) for c in menu(base) if c.bits == info["bits"])
+        stored = (row["group_size"], info["outliers"][param][e])
+        qw = next(q for q in made if (q.group_size, q.outlier_count) == stored)
+        torch.testing.assert_close(layer.quantized_weight().dequantize(torch.float32), qw.dequantize(torch.float32))
 
 
 def test_compare_row_under_a_bits_budget(tmp_path):
@@ -137,7 +169,16 @@ def test_compare_row_under_a_bits_budget(tmp_path):
         resolve("easyquant:target_bpw=4.3/bits=12")
     model = tiny_model("qwen2", tmp_path / "m")
     x = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
-    _, rows = compare(model, x, x, ["easyquant:group_size=32/target_bpw=4.3", "easyquant:group_size=32"], [4], 0)
-    budget, fixed = rows
+    targets = ["easyquant:group_size=32/target_bpw=4.3", "easyquant:group_size=32/target_bpw=4.6"]
+    _, rows = compare(model, x, x, [*targets, "easyquant:group_size=32"], [4], 0)
+    budget, wider, fixed = rows
     assert budget.bits_per_weight <= 4.3 < fixed.bits_per_weight
     assert budget.kl_mean > 0 and budget.quantized_share == fixed.quantized_share
+    assert 4.3 < wider.bits_per_weight <= 4.6 and wider.kl_mean < budget.kl_mean
+    # The second target reused the first one's scoring: the same rows as a run of its own.
+    _, (alone,) = compare(model, x, x, targets[1:], [4], 0)
+    assert (alone.bits_per_weight, alone.kl_mean, alone.rel_error) == (
+        wider.bits_per_weight,
+        wider.kl_mean,
+        wider.rel_error,
+    )

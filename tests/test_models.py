@@ -175,7 +175,8 @@ def test_sharded_source(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("kind", "units", "target_bpw"), [("llama", 14, None), ("mixtral", 8 + 16, None), ("llama", 14, 4.4)]
+    ("kind", "units", "target_bpw"),
+    [("llama", 14, None), ("mixtral", 8 + 16, None), ("llama", 14, 4.4), ("mixtral", 8 + 16, 4.4)],
 )
 def test_resume_after_interruption_gives_identical_checkpoint(tmp_path, kind, units, target_bpw):
     """Also under a bits budget: the resumed run quantizes each layer as the plan it kept says."""
