@@ -88,8 +88,8 @@ def easyquant_method(**kw: object) -> Method:
     return _per_layer(one)
 
 
-# What target_method has scored: (base setting, layer names) -> (options, score's table and count, seconds).
-Scores = dict[tuple[QuantConfig, tuple[str, ...]], tuple[list[QuantConfig], dict[str, list[Choice]], int, float]]
+# What target_method has scored: (base setting, layer names) -> (score's table and count, seconds).
+Scores = dict[tuple[QuantConfig, tuple[str, ...]], tuple[dict[str, list[Choice]], int, float]]
 
 
 def target_method(target_bpw: float, scores: Scores | None = None, **kw: object) -> Method:
@@ -103,12 +103,11 @@ def target_method(target_bpw: float, scores: Scores | None = None, **kw: object)
         weights = [(name, lin.weight.data) for name, lin in linears]
         base = QuantConfig(bits=bits, **kw)
         key = (base, tuple(name for name, _ in weights))
-        reused = key in scores
+        options, reused = menu(base), key in scores
         if not reused:
-            t0, options = time.perf_counter(), menu(base)
-            table, total = score([(n, lambda w=w: w) for n, w in weights], options, False)
-            scores[key] = (options, table, total, time.perf_counter() - t0)
-        options, table, total, seconds = scores[key]
+            t0 = time.perf_counter()
+            scores[key] = (*score([(n, lambda w=w: w) for n, w in weights], options, False), time.perf_counter() - t0)
+        table, total, seconds = scores[key]
         configs = choose(table, total, options, target_bpw)
         packed = {name: quantize_weight(w, configs[name], name=name) for name, w in weights}
         for name, w in weights:
