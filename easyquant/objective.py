@@ -25,14 +25,16 @@ class Objective:
             raise ValueError(f"the objective's norm p must be >= 1, got {self.p}")
 
     def error_cost(self, e: torch.Tensor) -> torch.Tensor:
-        """``|e|^p``, with the common integer norms spelled out (``pow`` is several times slower);
-        in place only where no gradient is being traced."""
+        """``|e|^p`` as a new tensor, with the common integer norms spelled out (``pow`` is several
+        times slower). Where no gradient is traced, ``e`` is used up (made ``|e|`` in place): every
+        caller passes an error it has just made, and one buffer less per call is measurably faster."""
         if self.p == 2:
             return e.square()
         if e.requires_grad:
             return e.abs().pow(self.p)
         if self.p == 3:
-            return e.square().mul_(e.abs())
+            a = e.abs_()
+            return a.square().mul_(a)
         if self.p == 4:
             return e.square().square_()
         return e.abs().pow_(self.p)

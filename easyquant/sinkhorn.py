@@ -51,22 +51,25 @@ def sinkhorn_scales(t: torch.Tensor, steps: int = 16) -> tuple[torch.Tensor, tor
         return torch.maximum(s_row.amax(1), s_col.amax(1)) / low
 
     log_col, log_row = t.new_zeros(n, cols), t.new_zeros(n, rows)
-    s_row, s_col = _spreads(t, t2, log_col.exp(), log_row.exp())
+    best_col, best_row = t.new_ones(n, cols), t.new_ones(n, rows)
+    s_row, s_col = _spreads(t, t2, best_col, best_row)
     target = torch.minimum(s_row.clamp(1e-3, 1e3).amin(1), s_col.clamp(1e-3, 1e3).amin(1)) + 1e-6
     best = imbalance(s_row, s_col)
-    best_col, best_row = t.new_ones(n, cols), t.new_ones(n, rows)
     running = torch.ones(n, dtype=torch.bool, device=t.device)
-    for _ in range(steps):
-        s_row, s_col = _spreads(t, t2, log_col.exp(), log_row.exp())
-        ib = imbalance(s_row, s_col)
-        better = ib <= best
-        best = torch.minimum(best, ib)
-        best_col = torch.where(better[:, None], log_col.exp(), best_col)
-        best_row = torch.where(better[:, None], log_row.exp(), best_row)
-        running &= ib <= best
+    for _ in range(steps - 1):
         step = running.float()[:, None]
         log_col = (log_col + _push(s_col, target) * step).clamp(-0.3, 10.0)
         log_row = (log_row + _push(s_row, target) * step).clamp(-0.3, 10.0)
+        col, row = log_col.exp(), log_row.exp()
+        s_row, s_col = _spreads(t, t2, col, row)
+        ib = imbalance(s_row, s_col)
+        better = ib <= best
+        best = torch.minimum(best, ib)
+        best_col = torch.where(better[:, None], col, best_col)
+        best_row = torch.where(better[:, None], row, best_row)
+        running &= better
+        if not bool(running.any()):  # every tile has stopped: nothing would change any more
+            break
     return best_col, best_row
 
 

@@ -147,7 +147,7 @@ def _scan(
     """Offer ``best`` the candidates of ``coarse`` shrink factors from ``min_shrink`` to 1, then
     ``fine`` more around each row's ``basins`` best (two near-equal basins are common at 3 bits)."""
     shrinks = torch.linspace(min_shrink, 1, coarse, dtype=like.dtype, device=like.device)
-    losses = torch.stack([best.consider(*candidate(t)) for t in shrinks])
+    losses = torch.stack([best.consider(*candidate(t)) for t in shrinks.tolist()])
     step = (1 - min_shrink) / max(coarse - 1, 1)
     centres = shrinks[losses.topk(min(basins, coarse), dim=0, largest=False).indices]
     offsets = torch.linspace(-step, step, fine + 2)[1:-1].tolist()
@@ -160,10 +160,9 @@ def _fit_scale(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, q: torch.Tenso
     """With the codes' levels ``q`` (the multiples of the scale) held fixed, the scale minimising
     the squared error, reweighted by ``|e|^(p-2)`` at the current scale ``s`` (IRLS) for ``p != 2``."""
     if p != 2:
-        e = (s[:, None] * q - w).abs()
-        e = e.clamp_min_(1e-12 * s[:, None])
-        c = c * (e if p == 3 else e.pow_(p - 2))
-    num, den = (c * w * q).sum(dim=1), (c * q * q).sum(dim=1)
+        e = (s[:, None] * q).sub_(w).abs_().clamp_min_(1e-12 * s[:, None])
+        c = (e if p == 3 else e.pow_(p - 2)).mul_(c)
+    num, den = (c * w).mul_(q).sum(dim=1), (c * q).mul_(q).sum(dim=1)
     return torch.where(den > 0, num / den.clamp_min(1e-30), s).clamp_min(FP16_TINY)
 
 
