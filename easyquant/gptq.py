@@ -12,9 +12,12 @@ part of it.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import Cache
 
 from .grid import Grid, initial_scale, orient
 from .solvers import GridSearch
@@ -61,21 +64,53 @@ def gptq_weight(
     return Q.to(w.dtype)
 
 
-class _Stop(Exception):
-    """Ends a calibration forward pass once the block being quantized has run."""
+def _block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor) -> list[list[tuple[tuple, dict]]]:
+    """Every block's call, ``(args, kwargs)``, for each batch of 4 ``calib`` windows, from one pass
+    of the full-precision model. Masks and position embeddings depend on the tokens only, so they
+    stay valid once earlier blocks are quantized (each block keeps its own: layers may differ, as
+    sliding-window ones do); the hidden states are replaced block by block. No cache is kept: a
+    block called twice must not see its own keys twice."""
+    calls: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
+
+    def record(i: int):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls[i].append((args, {k: None if isinstance(v, Cache) else v for k, v in kwargs.items()}))
+
+        return hook
+
+    handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    device = next(model.parameters()).device
+    try:
+        for x in calib.split(4):
+            model(x.to(device), **no_cache)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _run(block: nn.Module, calls: list[tuple[tuple, dict]], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``block`` on each batch's ``hidden`` states with the rest of its recorded call; its outputs."""
+    outs = []
+    for (args, kwargs), h in zip(calls, hidden, strict=True):
+        out = block(h, *args[1:], **kwargs) if args else block(**(kwargs | {"hidden_states": h}))
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
 
 
 @torch.inference_mode()
 def gptq_model(
     model: nn.Module, linears: list[tuple[str, nn.Linear]], calib: torch.Tensor, bits: int, group_size: int | None
 ) -> None:
-    """Quantize ``linears`` of ``model`` in place with GPTQ, block by block, on ``calib`` windows."""
+    """Quantize ``linears`` of ``model`` in place with GPTQ, block by block, on ``calib`` windows:
+    each block sees the inputs that the already-quantized blocks before it produce. The model runs
+    once; each block then twice (for its Hessians, then quantized, for the next block's inputs)."""
     blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
-    device = next(model.parameters()).device
-    for block in tqdm(blocks, desc="GPTQ blocks", unit="block", leave=False):
+    calls = _block_inputs(model, blocks, calib)
+    hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in calls[0]]
+    for block, block_calls in zip(tqdm(blocks, desc="GPTQ blocks", unit="block", leave=False), calls, strict=True):
         mine = [(n, m) for n, m in linears if any(m is x for x in block.modules())]
-        if not mine:
-            continue
         hessians = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in mine}
 
         def collect(h: torch.Tensor):
@@ -85,18 +120,13 @@ def gptq_model(
 
             return hook
 
-        def stop(mod: nn.Module, args: tuple, out: object) -> None:
-            raise _Stop
-
-        handles = [m.register_forward_hook(collect(hessians[n])) for n, m in mine] + [block.register_forward_hook(stop)]
+        handles = [m.register_forward_hook(collect(hessians[n])) for n, m in mine]
         try:
-            for x in calib.split(4):
-                try:
-                    model(x.to(device))
-                except _Stop:
-                    pass
+            if mine:
+                _run(block, block_calls, hidden)
         finally:
             for h in handles:
                 h.remove()
         for n, m in mine:
             m.weight.data = gptq_weight(m.weight.data, hessians[n], bits, group_size)
+        hidden = _run(block, block_calls, hidden)

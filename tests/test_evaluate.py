@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from conftest import tiny_model
 from easyquant.compare import compare, markdown, write_results
@@ -66,6 +67,48 @@ def test_gptq_beats_rtn_on_layer_output():
             w, QuantConfig(bits=bits, group_size=group, solver="mse", n_sigma=None, col_scale=False)
         ).dequantize()
         assert out_err(gptq_weight(w, h, bits, group)) < 0.8 * out_err(rtn)
+
+
+def test_gptq_blocks_see_the_quantized_blocks_before_them():
+    """Each block's GPTQ uses the Hessians of its inputs in the model whose earlier blocks are
+    already quantized (and its own not yet), with its own mask: the model below alternates full
+    and sliding-window attention, so a mask recorded at the first block would be wrong later."""
+    import copy
+
+    import transformers
+
+    from conftest import CONFIGS
+    from easyquant.gptq import gptq_model
+
+    cfg = copy.deepcopy(CONFIGS["qwen2"])
+    cfg.num_hidden_layers, cfg.use_sliding_window, cfg.sliding_window = 3, True, 4
+    cfg.layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    original = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model = copy.deepcopy(original)
+    calib = windows(n=6, length=16, seed=1)
+    linears = [(n, m) for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, nn.Linear)]
+    gptq_model(model, linears, calib, 3, None)
+    for i in range(3):
+        probe = copy.deepcopy(model)
+        probe.model.layers[i] = copy.deepcopy(original.model.layers[i])
+        lins = {n: m for n, m in probe.model.layers[i].named_modules() if isinstance(m, nn.Linear)}
+        hs = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in lins.items()}
+
+        def add(h: torch.Tensor, x: torch.Tensor) -> None:
+            x = x.flatten(0, -2).double()
+            h.add_(x.T @ x)
+
+        hooks = [m.register_forward_hook(lambda mod, a, o, h=hs[n]: add(h, a[0])) for n, m in lins.items()]
+        with torch.no_grad():
+            for x in calib.split(4):
+                probe(x)
+        for hook in hooks:
+            hook.remove()
+        for n, m in lins.items():
+            got = model.model.layers[i].get_submodule(n).weight
+            assert torch.equal(got, gptq_weight(m.weight, hs[n], 3, None)), f"layer {i} {n}"
+        assert not torch.equal(model.model.layers[i].mlp.up_proj.weight, original.model.layers[i].mlp.up_proj.weight)
 
 
 def test_compare_table(tmp_path):
