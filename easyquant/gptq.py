@@ -64,17 +64,26 @@ def gptq_weight(
     return Q.to(w.dtype)
 
 
-def _block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor) -> list[list[tuple[tuple, dict]]]:
-    """Every block's call, ``(args, kwargs)``, for each batch of 4 ``calib`` windows, from one pass
-    of the full-precision model. Masks and position embeddings depend on the tokens only, so they
-    stay valid once earlier blocks are quantized (each block keeps its own: layers may differ, as
-    sliding-window ones do); the hidden states are replaced block by block. No cache is kept: a
-    block called twice must not see its own keys twice."""
-    calls: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
+Call = tuple[tuple, dict]  # a block's recorded arguments after the hidden states
+
+
+def _block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor
+) -> tuple[list[torch.Tensor], list[list[Call]]]:
+    """The first block's hidden states for each batch of 4 ``calib`` windows, and every block's
+    other arguments, from one pass of the full-precision model. Masks and position embeddings
+    depend on the tokens only, so they stay valid once earlier blocks are quantized (each block
+    keeps its own: layers may differ, as sliding-window ones do). No cache is kept: a block
+    called twice must not see its own keys twice."""
+    hidden: list[torch.Tensor] = []
+    calls: list[list[Call]] = [[] for _ in blocks]
 
     def record(i: int):
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls[i].append((args, {k: None if isinstance(v, Cache) else v for k, v in kwargs.items()}))
+            rest = {k: None if isinstance(v, Cache) else v for k, v in kwargs.items() if k != "hidden_states"}
+            if i == 0:
+                hidden.append(args[0] if args else kwargs["hidden_states"])
+            calls[i].append((args[1:], rest))
 
         return hook
 
@@ -87,14 +96,14 @@ def _block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor) 
     finally:
         for h in handles:
             h.remove()
-    return calls
+    return hidden, calls
 
 
-def _run(block: nn.Module, calls: list[tuple[tuple, dict]], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+def _run(block: nn.Module, calls: list[Call], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
     """``block`` on each batch's ``hidden`` states with the rest of its recorded call; its outputs."""
     outs = []
     for (args, kwargs), h in zip(calls, hidden, strict=True):
-        out = block(h, *args[1:], **kwargs) if args else block(**(kwargs | {"hidden_states": h}))
+        out = block(h, *args, **kwargs)
         outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
 
@@ -107,8 +116,7 @@ def gptq_model(
     each block sees the inputs that the already-quantized blocks before it produce. The model runs
     once; each block then twice (for its Hessians, then quantized, for the next block's inputs)."""
     blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
-    calls = _block_inputs(model, blocks, calib)
-    hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in calls[0]]
+    hidden, calls = _block_inputs(model, blocks, calib)
     for block, block_calls in zip(tqdm(blocks, desc="GPTQ blocks", unit="block", leave=False), calls, strict=True):
         mine = [(n, m) for n, m in linears if any(m is x for x in block.modules())]
         hessians = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in mine}
