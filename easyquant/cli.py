@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .compare import DEFAULT_METHODS
+from .compare import DEFAULT_METHODS, resolve
 from .errors import EasyQuantError
 from .pipeline import SUMMARY, Options, quantize_model
 from .quantize import OUTLIER_RULES, QuantConfig
@@ -87,6 +87,20 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     print(f"{summary.line()} in {time.perf_counter() - t0:.1f} s")
 
 
+def _methods_and_bits(a: argparse.Namespace) -> tuple[list[str], list[int]]:
+    """``--methods`` and ``--bits``, checked before any model loads so that a typo costs nothing."""
+    methods = a.methods.split(",") if a.methods else list(DEFAULT_METHODS)
+    for name in methods:
+        resolve(name)
+    try:
+        bits = [int(b) for b in a.bits.split(",")]
+    except ValueError:
+        raise EasyQuantError(f"--bits {a.bits!r}: expected comma-separated integers such as 4,3") from None
+    for b in bits:
+        QuantConfig(bits=b)  # names the allowed range
+    return methods, bits
+
+
 def _add_eval_args(p: argparse.ArgumentParser, out: Path | None) -> None:
     p.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the offline SmolLM2-135M)")
     p.add_argument("--text", type=Path, default=None, help="evaluation text (default: offline news prose)")
@@ -150,14 +164,14 @@ def cmd_encoder(a: argparse.Namespace) -> None:
     from .encoder_eval import encoder_compare, encoder_markdown, sentences
     from .evaluate import read_text, token_windows
 
+    methods, bits = _methods_and_bits(a)
     folder = Path(a.model) if a.model else assets.minilm_dir()
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder)
     sents = sentences(read_text(a.text or assets.news_text()))
     batch = tok(sents, return_tensors="pt", padding=True, truncation=True, max_length=128)
     calib = token_windows(tok, read_text(a.calib or assets.calibration_text()), 128, a.calib_windows)
-    methods = a.methods.split(",") if a.methods else list(DEFAULT_METHODS)
-    rows = encoder_compare(model, batch, calib, methods, [int(b) for b in a.bits.split(",")])
+    rows = encoder_compare(model, batch, calib, methods, bits)
     title = f"{folder.parent.name}/{folder.name} (fp32, never quantized): {len(sents)} sentences of the news text"
     table = encoder_markdown(rows)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -178,13 +192,12 @@ def cmd_compare(a: argparse.Namespace) -> None:
     from .evaluate import read_text, token_windows
     from .models import load_causal_lm
 
+    methods, bits = _methods_and_bits(a)
     model_path = Path(a.model) if a.model else assets.smollm2_gguf()
     text, calib_text = a.text or assets.news_text(), a.calib or assets.calibration_text()
     model, tok = load_causal_lm(model_path)
     windows = token_windows(tok, read_text(text), a.window, a.max_windows)
     calib = token_windows(tok, read_text(calib_text), a.window, a.calib_windows)
-    methods = a.methods.split(",") if a.methods else list(DEFAULT_METHODS)
-    bits = [int(b) for b in a.bits.split(",")]
     note = source_note(model_path)
     title = (
         f"{model_path.name}{note}; eval {Path(text).name}: {len(windows)} windows of {a.window} tokens; "

@@ -20,7 +20,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocate import Choice, choose, menu, score
+from .errors import EasyQuantError
 from .evaluate import Reference, evaluate, generation_speed
 from .gptq import gptq_model
 from .nn import swap_in_quantized
@@ -179,14 +180,21 @@ def resolve(name: str, scores: Scores | None = None) -> Method:
         return METHODS[name]
     head, _, spec = name.partition(":")
     if head == "easyquant" and spec:
+        settings = ["target_bpw", *(f.name for f in fields(QuantConfig))]
         try:
-            kw = {k: _value(v) for k, v in (item.split("=", 1) for item in spec.split("/"))}
+            pairs = [item.split("=", 1) for item in spec.split("/")]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError("settings are key=value, separated by /")
+            kw = {k: _value(v) for k, v in pairs}
+            unknown = [k for k in kw if k not in settings]
+            if unknown:
+                raise ValueError(f"unknown setting {unknown[0]!r}; settings are {', '.join(settings)}")
             QuantConfig(**{k: v for k, v in kw.items() if k != "target_bpw"})  # fail here, naming the method
         except (ValueError, TypeError) as e:
-            raise ValueError(f"method {name!r}: {e}") from None
+            raise EasyQuantError(f"method {name!r}: {e}") from None
         target = kw.pop("target_bpw", None)
         return easyquant_method(**kw) if target is None else target_method(float(target), scores, **kw)
-    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or easyquant:key=value/...")
+    raise EasyQuantError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or easyquant:key=value/...")
 
 
 @dataclass(frozen=True)

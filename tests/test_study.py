@@ -6,6 +6,7 @@ import torch
 from conftest import heavy_tailed, tiny_model
 from easyquant.cli import main
 from easyquant.compare import resolve
+from easyquant.errors import EasyQuantError
 from easyquant.outliers import sigma_mask
 from easyquant.study import outlier_map, outliers_report, range_trace
 from easyquant.targets import block_linears
@@ -43,6 +44,27 @@ def test_method_specs():
         resolve("awq")
     with pytest.raises(ValueError, match="bits must be"):
         resolve("easyquant:bits=12")
+    with pytest.raises(EasyQuantError, match="unknown setting 'dual'.*col_scale"):
+        resolve("easyquant:dual=false")
+    with pytest.raises(EasyQuantError, match="key=value"):
+        resolve("easyquant:asymmetric")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compare", "MODEL", "--methods", "rtn,easyquant:dual=false"], "unknown setting 'dual'"),
+        (["study", "encoder", "MODEL", "--methods", "awq"], "unknown method 'awq'"),
+        (["compare", "MODEL", "--bits", "4,three"], "--bits '4,three'"),
+        (["compare", "MODEL", "--bits", "12"], "bits must be"),
+    ],
+)
+def test_bad_methods_and_bits_fail_before_any_model_loads(args, message, tmp_path, capsys):
+    """A typo in --methods or --bits is one line naming it, at once (the model path does not exist)."""
+    missing = str(tmp_path / "missing.gguf")
+    assert main([missing if a == "MODEL" else a for a in args] + ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
 
 
 @pytest.mark.slow
