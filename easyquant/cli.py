@@ -44,6 +44,11 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         help="an integer zero point per row or group beside the scale (solver search or rtn)",
     )
     p.add_argument(
+        "--fractional-zero",
+        action="store_true",
+        help="with --asymmetric: the zero point in fractions of a code, still one byte (format 5)",
+    )
+    p.add_argument(
         "--col-scale",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -65,6 +70,7 @@ def _config(a: argparse.Namespace) -> QuantConfig:
         steps=a.adam_steps,
         orient=not a.no_orient,
         asymmetric=a.asymmetric,
+        fractional_zero=a.fractional_zero,
         col_scale=a.col_scale,
     )
 

@@ -71,10 +71,10 @@ def repack(qw: QuantizedWeight) -> Int4Weight:
     zeros = torch.zeros_like(scales)
     if qw.zeros is None:  # signed q is the kernel's q + 8 with zero 0
         codes += 8 + qw.grid.qmin
-    elif qw.bits < 4:  # u - z + 8 stays within 0..15: the kernel's code, with zero 0, exactly
+    elif qw.bits < 4 and not qw.zero_shift:  # u - z + 8 stays within 0..15: the kernel's code, zero 0, exactly
         codes += 8 - qw.zeros.int().repeat_interleave(qw.group_size, dim=1)[:, :cols]
     else:  # s * (u - z) is the kernel's (u - 8) * s + s * (8 - z), that zero rounded to bf16
-        zeros = scales * (8 - qw.zeros[:, owner].t().float())
+        zeros = scales * (8 - qw.zero_points()[:, owner].t())
     outliers = None
     if qw.outlier_count:
         index = torch.int32 if qw.outlier_count < 2**31 else torch.int64

@@ -96,9 +96,9 @@ def unpack_blocks(data: np.ndarray, kind: BlockType) -> tuple[torch.Tensor, torc
 Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # codes, scales, minimums (affine kinds)
 
 
-def _minimum(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """Q4_1's fp16 minimum ``m = -s * z`` of easyquant's scales and integer zero points."""
-    return (-scales.float() * zeros.float()).half()
+def _minimum(qw: QuantizedWeight) -> torch.Tensor:
+    """Q4_1's fp16 minimum ``m = -s * z`` of easyquant's scales and zero points."""
+    return (-qw.scales.float() * qw.zero_points()).half()
 
 
 def _weights(block: Block) -> torch.Tensor:
@@ -116,7 +116,7 @@ def best_blocks(x: torch.Tensor, kind: BlockType, kept: Block | None = None) -> 
     most: on SmolLM2, p = 2 here lowered the weight error and raised the model's KL divergence."""
     config = QuantConfig(bits=kind.bits, group_size=None, n_sigma=None, asymmetric=kind.affine, col_scale=False)
     qw = quantize_weight(x.float(), config)
-    new = (qw.codes(), qw.scales[:, 0], None if qw.zeros is None else _minimum(qw.scales, qw.zeros)[:, 0])
+    new = (qw.codes(), qw.scales[:, 0], None if qw.zeros is None else _minimum(qw)[:, 0])
     if kept is None:
         return new
     _, d, m = kept
@@ -160,7 +160,7 @@ def to_blocks(qw: QuantizedWeight, kind: BlockType | None = None) -> Blocks:
     d = per_block(qw.scales) if exact else torch.zeros(rows, nb, dtype=torch.float16)
     m = None
     if kind.affine:
-        m = per_block(_minimum(qw.scales, qw.zeros)) if exact else torch.zeros(rows, nb, dtype=torch.float16)
+        m = per_block(_minimum(qw)) if exact else torch.zeros(rows, nb, dtype=torch.float16)
     if qw.outlier_count:
         redo[qw.outlier_rows(), qw.outlier_cols.long() // BLOCK] = True
     if redo.any():

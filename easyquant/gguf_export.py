@@ -309,7 +309,9 @@ def plan_tensors(ckpt: Path, dense: str, kind: BlockType | None, report: ExportR
         m = modules[module]
         shape = (m.out_features, m.in_features)
         bits, group_size = qconfig.module_settings(quantized[module])
-        qw = QuantizedWeight(*t[:5], bits, group_size or shape[1], shape, torch.float16, *t[5:])
+        qw = QuantizedWeight(
+            *t[:5], bits, group_size or shape[1], shape, torch.float16, *t[5:], zero_shift=qconfig.zero_shift(bits)
+        )
         qw.check(quantized[module])
         b = to_blocks(qw, bk)
         report.blocks += b.blocks

@@ -11,8 +11,10 @@ The asymmetric option uses the unsigned grid ``[0, 2^k - 1]`` with an integer ze
 ``z`` per row or group: ``w = scale * (u - z)``. It fits rows whose kept weights are not
 centred on zero, and 0 stays exactly representable (code ``z``), which keeps the many
 near-zero weights unbiased: a free fp16 offset instead lowered the weight error but raised
-SmolLM2's KL divergence, at 3 bits more than twofold. The symmetric grid is the case
-``z = 2^(k-1)``.
+SmolLM2's KL divergence, at 3 bits more than twofold. ``fractional_zero`` lets the zero point
+move in steps of ``2^-(8-k)`` (still one byte), each step taken only where it lowers the range
+solver's own loss: on weights already quantized once on another grid (Qwen's Q4_K_M source) that
+is what lines the grids up. The symmetric grid is the case ``z = 2^(k-1)``.
 """
 
 from __future__ import annotations
@@ -65,8 +67,11 @@ class Grid:
         return (1 << self.bits) - 1
 
     def affine_codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        """Unsigned codes ``clamp(round(w / scale) + zero, 0, 2^k - 1)`` of the asymmetric grid, as float."""
-        return torch.clamp(torch.round(w / scale) + zero, 0, self.top)
+        """Unsigned codes ``clamp(round(w / scale + zero), 0, 2^k - 1)`` of the asymmetric grid, as
+        float; computed as ``round(w / scale + frac) + floor`` so that an integer zero point gives
+        exactly ``round(w / scale) + zero``, ties included."""
+        whole = zero.floor()
+        return torch.clamp(torch.round(w / scale + (zero - whole)) + whole, 0, self.top)
 
     def affine_fake_quant(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """``scale * (codes - zero)``: the dequantized weight of the asymmetric grid."""

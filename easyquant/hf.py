@@ -121,12 +121,17 @@ class EasyQuantConfig(QuantizationConfigMixin):
             raise EasyQuantError(f"quantization_config: these settings need format_version {needed} or later")
         self.bits, self.group_size, self.modules = settings.bits, settings.group_size, modules
         self.asymmetric, self.col_scale = settings.asymmetric, settings.col_scale
+        self.fractional_zero = settings.fractional_zero
         self.settings = {k: kwargs[k] for k in (*SETTINGS, "skip", "include", "target_bpw") if k in kwargs}
 
     def module_settings(self, module: str) -> tuple[int, int | None]:
         """A checkpoint module's bits and group size (None: per channel): its own, or the checkpoint's."""
         info = self.modules[module]
         return (info["bits"], info["group_size"]) if "bits" in info else (self.bits, self.group_size)
+
+    def zero_shift(self, bits: int) -> int:
+        """Fractional bits of the stored zero points of a ``bits``-bit module (format 5)."""
+        return 8 - bits if self.fractional_zero else 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -191,6 +196,7 @@ def replace_linears(model: nn.Module, qconfig: EasyQuantConfig, dtype: torch.dty
             device,
             qconfig.asymmetric,
             qconfig.col_scale,
+            qconfig.zero_shift(bits),
         )
 
     for module, info in qconfig.modules.items():

@@ -1,7 +1,7 @@
 """Triton matmul of activations with a :class:`QuantizedWeight`: packed codes plus CSR outliers.
 
 ``y = x @ W.T`` where ``W = scales * (codes + qmin)`` (asymmetric weights:
-``scales * (codes - zeros)``) with the fp16 outliers written over it. Because outlier
+``scales * (codes - zeros / 2^zero_shift)``) with the fp16 outliers written over it. Because outlier
 positions hold the code of 0 (see :mod:`easyquant.qweight`), the product splits exactly into
 a dense part and a sparse part:
 
@@ -254,7 +254,7 @@ if triton is not None:
         x_ptr, y_ptr, packed_ptr, scales_ptr, zeros_ptr, rowptr_ptr, cols_ptr, vals_ptr, bias_ptr,
         M, N, K, stride_xm, stride_ym, row_stride, n_groups,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, HAS_ZEROS: tl.constexpr,
-        HAS_OUTLIERS: tl.constexpr,
+        ZERO_SHIFT: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NNZ: tl.constexpr,
         SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr, WORDS: tl.constexpr,
@@ -279,7 +279,7 @@ if triton is not None:
             codes = _unpack_tile(packed_ptr, row_stride, rn, k0, n_mask, BITS, BLOCK_K, WORDS)
             if HAS_ZEROS:
                 q = codes.to(tl.float32) - _group_scales(zeros_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP,
-                                                          BLOCK_K)  # fmt: skip
+                                                          BLOCK_K) * (1.0 / (1 << ZERO_SHIFT))  # fmt: skip
             else:
                 q = (codes + qmin).to(tl.float32)
             if not PER_ROW:
@@ -353,8 +353,8 @@ if triton is not None:
     @triton.jit
     def _dequantize_kernel(
         w_ptr, packed_ptr, scales_ptr, zeros_ptr, col_ptr, N, K, row_stride, n_groups,
-        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_COLS: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr,
+        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_SHIFT: tl.constexpr,
+        HAS_COLS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr,
     ):  # fmt: skip
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k0 = tl.program_id(1) * BLOCK_K
@@ -365,7 +365,7 @@ if triton is not None:
         s = _group_scales(scales_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K)
         if HAS_ZEROS:
             z = _group_scales(zeros_ptr, rn, rk, k0, n_mask, k_mask, n_groups, GROUP, BLOCK_K)
-            w = (codes.to(tl.float32) - z) * s
+            w = (codes.to(tl.float32) - z * (1.0 / (1 << ZERO_SHIFT))) * s
         else:
             w = (codes - (1 << (BITS - 1))).to(tl.float32) * s
         if HAS_COLS:
@@ -433,8 +433,8 @@ def plan_dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tens
         _dequantize_kernel, (_cdiv(n, block_n), _cdiv(k, block_k)),
         (w, packed, qw.scales, _zeros(qw), qw.scales if qw.col_scales is None else qw.col_scales, n, k, row_stride,
          qw.scales.shape[1]),
-        dict(BITS=qw.bits, GROUP=qw.group_size, HAS_ZEROS=qw.asymmetric, HAS_COLS=qw.col_scales is not None,
-             BLOCK_N=block_n, BLOCK_K=block_k, WORDS=words),
+        dict(BITS=qw.bits, GROUP=qw.group_size, HAS_ZEROS=qw.asymmetric, ZERO_SHIFT=qw.zero_shift,
+             HAS_COLS=qw.col_scales is not None, BLOCK_N=block_n, BLOCK_K=block_k, WORDS=words),
     )  # fmt: skip
     return w, launch
 
@@ -490,7 +490,7 @@ def plan_qmatmul(
          xd if bias is None else bias.contiguous(),
          m, n, k, xd.stride(0), y.stride(0), row_stride, qw.scales.shape[1]),
         dict(BITS=qw.bits, GROUP=qw.group_size, PER_ROW=qw.scales.shape[1] == 1,
-             HAS_ZEROS=qw.asymmetric, HAS_OUTLIERS=qw.outlier_count > 0 and not balanced,
+             HAS_ZEROS=qw.asymmetric, ZERO_SHIFT=qw.zero_shift, HAS_OUTLIERS=qw.outlier_count > 0 and not balanced,
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_NNZ=cfg.block_nnz,
              SPLIT_K=cfg.split_k, ATOMIC=atomic,
              PRECISION="ieee" if x.dtype == torch.float32 or interpreted_bf16 else "tf32",

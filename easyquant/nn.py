@@ -60,9 +60,10 @@ class EasyQuantLinear(nn.Module):
         device: torch.device | str | None = None,
         asymmetric: bool = False,
         col_scale: bool = False,
+        zero_shift: int = 0,
     ):
         super().__init__()
-        self.asymmetric, self.col_scale = asymmetric, col_scale
+        self.asymmetric, self.col_scale, self.zero_shift = asymmetric, col_scale, zero_shift
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.dtype = bits, min(group_size, in_features), dtype
         self._view: tuple[tuple[nn.Parameter, ...], QuantizedWeight] | None = None  # see quantized_weight()
@@ -114,6 +115,7 @@ class EasyQuantLinear(nn.Module):
             qw.packed.device,
             qw.asymmetric,
             qw.col_scales is not None,
+            qw.zero_shift,
         )
         for name, t in qw.tensors().items():
             getattr(mod, name).data = t
@@ -137,7 +139,9 @@ class EasyQuantLinear(nn.Module):
     def _weight(self, tensors: tuple[torch.Tensor, ...]) -> QuantizedWeight:
         shape = (self.out_features, self.in_features)
         extra = dict(zip(self.tensor_names[5:], tensors[5:], strict=True))
-        return QuantizedWeight(*tensors[:5], self.bits, self.group_size, shape, self.dtype, **extra)
+        return QuantizedWeight(
+            *tensors[:5], self.bits, self.group_size, shape, self.dtype, **extra, zero_shift=self.zero_shift
+        )
 
     def int4_weight(self) -> cpu_kernel.Int4Weight:
         """The weight in the CPU int4 kernel's layout, made on first use and again whenever a
@@ -182,8 +186,10 @@ class EasyQuantLinear(nn.Module):
         if path != "torch" and torch.compiler.is_compiling():  # one opaque op for torch.compile
             tensors = [self._parameters[name] for name in QUANTIZED_TENSORS] + [self.zeros, self.col_scales]
             if path == "fused":
-                return ops.qmatmul(x, *tensors, self.bias, self.bits, self.group_size, self.out_features)
-            w = ops.dequantize(*tensors, self.bits, self.group_size, self.in_features, x.dtype)
+                return ops.qmatmul(
+                    x, *tensors, self.bias, self.bits, self.group_size, self.out_features, self.zero_shift
+                )
+            w = ops.dequantize(*tensors, self.bits, self.group_size, self.in_features, x.dtype, self.zero_shift)
         else:  # eager: straight to the kernel, no dispatcher on the decode path's host time
             qw = self.quantized_weight()
             if path == "fused":
@@ -196,6 +202,7 @@ class EasyQuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, outliers={self.outlier_values.numel()}, bias={self.bias is not None}"
             + (", asymmetric=True" if self.asymmetric else "")
+            + (f", zero_shift={self.zero_shift}" if self.zero_shift else "")
             + (", col_scale=True" if self.col_scale else "")
         )
 

@@ -33,9 +33,11 @@ def outlier_mode(qw: QuantizedWeight) -> str:
 
 
 def _weight(packed, scales, rowptr, cols, values, zeros, col_scales, bits, group_size, out_features, in_features,
-            dtype):  # fmt: skip
+            dtype, zero_shift):  # fmt: skip
     shape = (out_features, in_features)
-    return QuantizedWeight(packed, scales, rowptr, cols, values, bits, group_size, shape, dtype, zeros, col_scales)
+    return QuantizedWeight(
+        packed, scales, rowptr, cols, values, bits, group_size, shape, dtype, zeros, col_scales, zero_shift
+    )
 
 
 def _qmatmul(
@@ -51,11 +53,13 @@ def _qmatmul(
     bits: int,
     group_size: int,
     out_features: int,
+    zero_shift: int = 0,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` through :func:`easyquant.kernel.qmatmul`."""
     qw = _weight(
-        packed, scales, rowptr, cols, values, zeros, col_scales, bits, group_size, out_features, x.shape[-1], x.dtype
-    )
+        packed, scales, rowptr, cols, values, zeros, col_scales, bits, group_size, out_features, x.shape[-1], x.dtype,
+        zero_shift,
+    )  # fmt: skip
     return kernel.qmatmul(x, qw, bias, outliers=outlier_mode(qw))
 
 
@@ -63,7 +67,7 @@ qmatmul = torch.library.custom_op("easyquant::qmatmul", _qmatmul, mutates_args=(
 
 
 @qmatmul.register_fake
-def _(x, packed, scales, rowptr, cols, values, zeros, col_scales, bias, bits, group_size, out_features):
+def _(x, packed, scales, rowptr, cols, values, zeros, col_scales, bias, bits, group_size, out_features, zero_shift=0):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -79,11 +83,13 @@ def _dequantize(
     group_size: int,
     in_features: int,
     dtype: torch.dtype,
+    zero_shift: int = 0,
 ) -> torch.Tensor:
     """The dense weight, through :func:`easyquant.kernel.dequantize`."""
     qw = _weight(
-        packed, scales, rowptr, cols, values, zeros, col_scales, bits, group_size, packed.shape[0], in_features, dtype
-    )
+        packed, scales, rowptr, cols, values, zeros, col_scales, bits, group_size, packed.shape[0], in_features, dtype,
+        zero_shift,
+    )  # fmt: skip
     return kernel.dequantize(qw, dtype)
 
 
@@ -91,5 +97,5 @@ dequantize = torch.library.custom_op("easyquant::dequantize", _dequantize, mutat
 
 
 @dequantize.register_fake
-def _(packed, scales, rowptr, cols, values, zeros, col_scales, bits, group_size, in_features, dtype):
+def _(packed, scales, rowptr, cols, values, zeros, col_scales, bits, group_size, in_features, dtype, zero_shift=0):
     return packed.new_empty((packed.shape[0], in_features), dtype=dtype)

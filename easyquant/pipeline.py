@@ -45,7 +45,8 @@ from .targets import Plan, Target, find_targets
 # 2: asymmetric weights (a uint8 zero point per row or group beside the scales).
 # 3: dual-axis weights (an fp16 scale per input column).
 # 4: a bit width and group size per module (--target-bpw).
-FORMAT_VERSION = 4
+# 5: fractional zero points (uint8 in steps of 2^-(8 - bits), --fractional-zero).
+FORMAT_VERSION = 5
 WORK_DIR = ".easyquant-work"
 PLAN = "plan.json"  # in the work folder: each module's settings under a bits budget, fixed once chosen
 SUMMARY = "easyquant_summary.md"
@@ -57,6 +58,8 @@ MIN_QUANTIZED_SHARE = 0.5
 def format_version(config: QuantConfig, per_module: bool = False) -> int:
     """The oldest format that holds weights made with ``config`` (what the checkpoint records, so
     that older readers still load it where they can); ``per_module``: settings vary by module."""
+    if config.fractional_zero:
+        return 5
     return 4 if per_module else 3 if config.col_scale else 2 if config.asymmetric else 1
 
 

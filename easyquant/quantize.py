@@ -45,9 +45,11 @@ class QuantConfig:
     putting each row's largest weight on the grid's longer side. ``asymmetric=True`` adds an
     integer zero point per row or group (the unsigned grid, ``w = scale * (u - zero)``); its
     ranges come from :class:`~easyquant.solvers.AffineSearch` (``solver="search"``) or min-max
-    (``solver="rtn"``). ``col_scale`` adds a scale ``t_j`` per input column (dual-axis scaling,
-    :mod:`easyquant.sinkhorn`), applied to the activations at inference; the ranges are then
-    solved on the column-normalised weight ``w / t`` with column ``j`` weighted by
+    (``solver="rtn"``); ``fractional_zero=True`` lets the zero point take fractions of a code
+    (:class:`~easyquant.solvers.AffineSearch`, still one byte). ``col_scale`` adds a scale
+    ``t_j`` per input column (dual-axis scaling, :mod:`easyquant.sinkhorn`), applied to the
+    activations at inference; the ranges are then solved on the column-normalised weight
+    ``w / t`` with column ``j`` weighted by
     ``t_j^(col_power * p)``: 0 is the plain normalised error (SINQ's), 1 the weight's own
     error, and the default -1 leans further towards columns of small spread, which tend to meet
     the largest activations (-1 had the lowest KL on SmolLM2 and tied on MiniLM: RESULTS.md).
@@ -73,6 +75,7 @@ class QuantConfig:
     steps: int | None = None
     orient: bool = True
     asymmetric: bool = False
+    fractional_zero: bool = False
     col_scale: bool = True
     col_power: float = -1.0
 
@@ -94,7 +97,7 @@ class QuantConfig:
             raise EasyQuantError(f"lr must be a positive number, got {self.lr!r}")
         if self.steps is not None and (type(self.steps) is not int or self.steps < 1):
             raise EasyQuantError(f"steps must be a positive integer, got {self.steps!r}")
-        for key in ("orient", "asymmetric", "col_scale"):
+        for key in ("orient", "asymmetric", "fractional_zero", "col_scale"):
             if not isinstance(getattr(self, key), bool):
                 raise EasyQuantError(f"{key} must be true or false, got {getattr(self, key)!r}")
         if not (isinstance(self.col_power, int | float) and math.isfinite(self.col_power)):
@@ -103,10 +106,17 @@ class QuantConfig:
             raise EasyQuantError(
                 f"asymmetric ranges are solved by {' or '.join(AFFINE_SOLVERS)}, not solver {self.solver!r}"
             )
+        if self.fractional_zero and not (self.asymmetric and self.solver == "search"):
+            raise EasyQuantError("fractional_zero needs asymmetric=true and solver 'search' (it refines that zero)")
+
+    @property
+    def zero_shift(self) -> int:
+        """Fractional bits of the stored zero point: ``8 - bits`` where fractional, else 0."""
+        return 8 - self.bits if self.fractional_zero else 0
 
     def make_affine_solver(self) -> AffineSearch:
         objective = {"objective": Objective(p=self.p)} if self.p is not None else {}
-        return AffineSearch(coarse=0) if self.solver == "rtn" else AffineSearch(**objective)
+        return AffineSearch(coarse=0) if self.solver == "rtn" else AffineSearch(**objective, zero_shift=self.zero_shift)
 
     def make_solver(self) -> RangeSolver:
         options = {k: v for k, v in (("lr", self.lr), ("steps", self.steps)) if v is not None}
@@ -203,11 +213,20 @@ def quantize_weight(
     codes, scales, zeros = solved
     codes, scales = from_groups(codes, rows, cols), scales.reshape(rows, -1)
     zeros = None if zeros is None else zeros.reshape(rows, -1)
-    # Outliers hold the code of 0 (qmin's distance from 0, or the zero point), so the dense part
-    # adds nothing there and an outlier's stored value is the weight itself.
-    zero_code = -grid.qmin if zeros is None else zeros.float().repeat_interleave(gs, dim=1)[:, :cols]
+    # Outliers hold the code nearest 0 (qmin's distance from 0, or the zero point rounded), so the
+    # dense part adds nothing there, or under a fractional zero point the little that an
+    # outlier's stored value (the weight less that little) makes up.
+    values = w.float()
+    if zeros is None:
+        zero_code = -grid.qmin
+    else:
+        point = (zeros.float() * 2.0**-config.zero_shift).repeat_interleave(gs, dim=1)[:, :cols]
+        zero_code = point.round()
+        if config.zero_shift:
+            step = scales.float().repeat_interleave(gs, dim=1)[:, :cols]
+            values = values - (zero_code - point) * step * (1 if t is None else t.half().float())
     codes = torch.where(mask, zero_code, codes)
-    rowptr, col_idx, values = csr_from_mask(mask, w.float())
+    rowptr, col_idx, values = csr_from_mask(mask, values)
     return QuantizedWeight(
         packed=pack(codes.to(torch.uint8), config.bits),
         scales=scales,
@@ -220,6 +239,7 @@ def quantize_weight(
         dtype=w.dtype,
         zeros=zeros,
         col_scales=None if t is None else t.half(),
+        zero_shift=config.zero_shift,
     )
 
 
@@ -261,7 +281,7 @@ def _solve(wg: torch.Tensor, cg: torch.Tensor, config: QuantConfig, grid: Grid, 
 def _loss(wg: torch.Tensor, cg: torch.Tensor, solved: Solved, config: QuantConfig, grid: Grid) -> torch.Tensor:
     """Each group's loss at its solved ranges, as stored (fp16 scales)."""
     codes, scales, zeros = solved
-    levels = codes + grid.qmin if zeros is None else codes - zeros.float()[:, None]
+    levels = codes + grid.qmin if zeros is None else codes - zeros.float()[:, None] * 2.0**-config.zero_shift
     return Objective(p=config.objective_p).weighted(levels * scales.float()[:, None] - wg, cg)
 
 
@@ -296,4 +316,5 @@ def _solve_affine(
     solver = config.make_affine_solver()
     parts = [solver.solve(wg[i : i + step], cg[i : i + step], grid) for i in _chunks(wg.shape[0], step)]
     s, z = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    return grid.affine_codes(wg, s[:, None], z[:, None]), s.to(torch.float16), z.to(torch.uint8)
+    zeros = (z * 2**config.zero_shift).round().to(torch.uint8)  # exact: the solver's steps are 2^-zero_shift
+    return grid.affine_codes(wg, s[:, None], z[:, None]), s.to(torch.float16), zeros

@@ -7,8 +7,9 @@ Memory layout of a ``(rows, cols)`` weight quantized at ``bits`` with groups of
   every weight, packed as :mod:`easyquant.packing` describes. Outlier positions hold the
   code of 0, so the dense part contributes nothing there.
 - ``scales``: fp16 ``(rows, ceil(cols / group_size))``; the sign is part of the scale.
-- ``zeros`` (asymmetric weights only, format 2): uint8, the scales' shape: the integer zero
-  point, the code that stands for 0.
+- ``zeros`` (asymmetric weights only, format 2): uint8, the scales' shape: the zero point,
+  the code that stands for 0, in fixed point with ``zero_shift`` fractional bits (0: an
+  integer zero point; format 5: ``8 - bits``, a fractional one in steps of ``2^-zero_shift``).
 - ``col_scales`` (dual-axis weights only, format 3): fp16 ``(cols,)``, positive: a scale per
   input column that multiplies the dense part (:mod:`easyquant.sinkhorn`), not the outliers.
 - outliers in CSR: ``outlier_rowptr`` int32 (int64 past 2^31 outliers) ``(rows + 1,)``,
@@ -17,7 +18,7 @@ Memory layout of a ``(rows, cols)`` weight quantized at ``bits`` with groups of
   ``outlier_values`` fp16 ``(nnz,)``.
 
 The weight it stands for is ``scales[r, j // group_size] * (packed code + qmin)``, or
-``scales * (packed code - zeros)`` for an asymmetric weight, times ``col_scales[j]`` for a
+``scales * (packed code - zeros / 2^zero_shift)`` for an asymmetric weight, times ``col_scales[j]`` for a
 dual-axis one, plus the outliers:
 :meth:`QuantizedWeight.dequantize`. Outlier positions hold the code of 0, so the dense part
 is 0 there and an outlier's stored value is the weight itself.
@@ -70,9 +71,12 @@ class QuantizedWeight:
     dtype: torch.dtype
     zeros: torch.Tensor | None = None
     col_scales: torch.Tensor | None = None
+    zero_shift: int = 0
 
     def __post_init__(self) -> None:
         rows, cols = self.shape
+        if not (isinstance(self.zero_shift, int) and 0 <= self.zero_shift <= 8 - self.bits):
+            raise EasyQuantError(f"zero_shift must be 0..{8 - self.bits} at {self.bits} bits, got {self.zero_shift!r}")
         expect = {
             "packed": (rows, packed_cols(cols, self.bits)),
             "scales": (rows, group_count(cols, self.group_size)),
@@ -104,7 +108,7 @@ class QuantizedWeight:
         for field, t in self.tensors().items():
             if t.dtype not in dtypes[field]:
                 raise EasyQuantError(f"{name}.{field} is {t.dtype}, expected {dtypes[field][0]}")
-        if self.zeros is not None and bool((self.zeros > self.grid.top).any()):
+        if self.zeros is not None and bool((self.zeros > self.grid.top << self.zero_shift).any()):
             raise EasyQuantError(f"{name}.zeros holds zero points outside 0..{self.grid.top}")
         for field in ("scales", "outlier_values"):
             if not bool(torch.isfinite(getattr(self, field)).all()):
@@ -150,10 +154,14 @@ class QuantizedWeight:
     def asymmetric(self) -> bool:
         return self.zeros is not None
 
+    def zero_points(self) -> torch.Tensor:
+        """The zero points as fp32 codes (``zeros / 2^zero_shift``); asymmetric weights only."""
+        return self.zeros.float() * 2.0**-self.zero_shift
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         w = unpack(self.packed, self.bits, self.shape[1]).float()  # changed in place: one full-size buffer
         if self.asymmetric:
-            self._per_group(w, self.zeros, torch.Tensor.sub_)
+            self._per_group(w, self.zero_points(), torch.Tensor.sub_)
         else:
             w.add_(self.grid.qmin)
         self._per_group(w, self.scales, torch.Tensor.mul_)

@@ -43,6 +43,7 @@ def take_rows(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
         qw.dtype,
         None if qw.zeros is None else qw.zeros[start:stop],
         qw.col_scales,
+        qw.zero_shift,
     )
 
 
@@ -71,7 +72,7 @@ def take_cols(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
     return QuantizedWeight(
         pack(codes, qw.bits), scales.contiguous(), rowptr, col_idx, vals, qw.bits, min(group, width), (rows, width),
         qw.dtype, None if zeros is None else zeros.contiguous(),
-        None if qw.col_scales is None else qw.col_scales[start:stop].contiguous(),
+        None if qw.col_scales is None else qw.col_scales[start:stop].contiguous(), qw.zero_shift,
     )  # fmt: skip
 
 
@@ -79,8 +80,8 @@ def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     first = parts[0]
     cols = first.shape[1]
     for p in parts:
-        if (p.shape[1], p.bits, p.group_size, p.scales.shape[1], p.asymmetric) != (
-            cols, first.bits, first.group_size, first.scales.shape[1], first.asymmetric
+        if (p.shape[1], p.bits, p.group_size, p.scales.shape[1], p.asymmetric, p.zero_shift) != (
+            cols, first.bits, first.group_size, first.scales.shape[1], first.asymmetric, first.zero_shift
         ):  # fmt: skip
             raise EasyQuantError(
                 f"cannot stack a {p.shape} weight at {p.bits} bits, groups of {p.group_size}"
@@ -112,4 +113,5 @@ def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
         first.dtype,
         torch.cat([p.zeros for p in parts]) if first.asymmetric else None,
         first.col_scales,
+        first.zero_shift,
     )

@@ -174,7 +174,10 @@ class AffineSearch:
     re-round the codes and solve the (reweighted) least-squares scale exactly, each also trying
     the zero point one up and one down, which moves the range off centre. ``coarse=0`` is the
     min-max baseline. Like :class:`Search`, every candidate is judged at its stored values
-    (fp16 scale, integer zero point) and kept only if it lowers the loss.
+    (fp16 scale, zero point in steps of ``2^-zero_shift``) and kept only if it lowers the loss.
+    ``zero_shift > 0`` then frees the zero point from the integers: rounds that try every
+    fractional shift of up to half a code (in ``fraction_steps`` steps), then refit the scale to
+    the shifted levels, so the result is never worse than the integer one.
     """
 
     objective: Objective = field(default_factory=lambda: Objective(p=3.0))
@@ -183,13 +186,17 @@ class AffineSearch:
     basins: int = 2
     fine: int = 6
     refine: int = 4
+    zero_shift: int = 0
+    fraction_rounds: int = 2
+    fraction_steps: int = 16
 
     def solve(self, w: torch.Tensor, c: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scales, zero points)``, each ``(rows,)`` (zero points as whole floats)."""
+        """``(scales, zero points)``, each ``(rows,)`` (zero points as floats in steps of ``2^-zero_shift``)."""
         s0, z0 = min_max(w, c > 0, grid)
+        unit = 2.0**self.zero_shift
         best = _Best(
             lambda s, z: self.objective.affine_loss(w, c, s, z, grid),
-            lambda s, z: (to_fp16_grid(s), z.round().clamp(0, grid.top)),
+            lambda s, z: (to_fp16_grid(s), (z * unit).round_().clamp_(0, grid.top * unit).div_(unit)),
             s0,
             z0,
         )
@@ -211,6 +218,16 @@ class AffineSearch:
             s, z = best.params
             q = grid.affine_codes(w, s[:, None], z[:, None]) - z[:, None]
             best.consider(_fit_scale(w, c, s, q, self.objective.p), z)
+        if self.zero_shift:
+            steps = min(self.fraction_steps, 1 << self.zero_shift)
+            shifts = [(i - steps / 2) / steps for i in range(steps + 1) if i != steps // 2]
+            for _ in range(self.fraction_rounds):
+                s, z = best.params
+                for d in shifts:
+                    best.consider(s, z + d)
+                s, z = best.params
+                q = grid.affine_codes(w, s[:, None], z[:, None]) - z[:, None]
+                best.consider(_fit_scale(w, c, s, q, self.objective.p), z)
         return best.params
 
 

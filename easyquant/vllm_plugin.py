@@ -131,7 +131,7 @@ class EasyQuantLinearMethod(LinearMethodBase):
         names = tensor_names(self.config.asymmetric, self.config.col_scale)
         bits, group_size = self.config.module_settings(self.modules[index])
         qw = QuantizedWeight(*(t[n] for n in names[:5]), bits, group_size or cols, (rows, cols), dtype,
-                             **{n: t[n] for n in names[5:]})  # fmt: skip
+                             **{n: t[n] for n in names[5:]}, zero_shift=self.config.zero_shift(bits))  # fmt: skip
         qw.check(name)
         if isinstance(layer, RowParallelLinear) and local_cols != cols:
             return take_cols(qw, layer.tp_rank * local_cols, (layer.tp_rank + 1) * local_cols)

@@ -134,3 +134,17 @@ def claim_format(out, version: int) -> None:
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"]["format_version"] = version
     (out / "config.json").write_text(json.dumps(config))
+
+
+def module_matches(qw, dtype: torch.dtype):
+    """``qw``'s module in ``dtype`` takes its path for that dtype on the CPU (torch's int4
+    kernel for bf16) and computes the dequantized weight's product; returns the module."""
+    from easyquant.nn import EasyQuantLinear
+
+    lin = EasyQuantLinear.from_quantized(qw).to(dtype)
+    x = torch.randn(3, qw.shape[1], dtype=dtype)
+    assert lin.path(x) == ("int4" if dtype == torch.bfloat16 else "torch")
+    want = x.double() @ qw.dequantize(torch.float32).double().T
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(lin(x).double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    return lin

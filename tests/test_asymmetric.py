@@ -16,11 +16,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import easyquant  # noqa: F401  (registers the loader)
-from conftest import claim_format, heavy_tailed, loads_like_memory, per_weight, tiny_model
+from conftest import claim_format, heavy_tailed, loads_like_memory, module_matches, per_weight, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
 from easyquant.grid import Grid, min_max, zero_point
 from easyquant.groups import to_groups
-from easyquant.nn import EasyQuantLinear
 from easyquant.objective import Objective
 from easyquant.pipeline import FORMAT_VERSION, quantize_model
 from easyquant.solvers import AffineSearch, _fit_scale
@@ -130,12 +129,7 @@ def test_linear_runtimes_agree(dtype):
     """The torch path, the CPU int4 kernel (bf16) and the module built from the weight all give
     the dequantized weight's product."""
     qw = quantize_weight(heavy_tailed(64, 256, seed=2) + 0.01, QuantConfig(group_size=64, n_sigma=2.5, asymmetric=True))
-    lin = EasyQuantLinear.from_quantized(qw).to(dtype)
-    x = torch.randn(3, 256, dtype=dtype)
-    assert lin.path(x) == ("int4" if dtype == torch.bfloat16 else "torch")
-    want = x.double() @ qw.dequantize(torch.float32).double().T
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(lin(x).double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    lin = module_matches(qw, dtype)
     assert "asymmetric=True" in repr(lin)
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import easyquant  # noqa: F401  (registers the loader)
-from conftest import check, claim_format, heavy_tailed, loads_like_memory, per_weight, tiny_model
+from conftest import check, claim_format, heavy_tailed, loads_like_memory, module_matches, per_weight, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
 from easyquant.cli import main
 from easyquant.gguf_export import export_gguf
@@ -123,12 +123,7 @@ def test_linear_runtimes_agree(dtype):
     product's activations, the outliers take them as they are) give the dequantized weight's product."""
     qw = quantize_weight(uneven(64, 256, seed=2), QuantConfig(group_size=64, n_sigma=2.5, col_scale=True))
     assert qw.outlier_count > 0
-    lin = EasyQuantLinear.from_quantized(qw).to(dtype)
-    x = torch.randn(3, 256, dtype=dtype)
-    assert lin.path(x) == ("int4" if dtype == torch.bfloat16 else "torch")
-    want = x.double() @ qw.dequantize(torch.float32).double().T
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(lin(x).double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    lin = module_matches(qw, dtype)
     assert "col_scale=True" in repr(lin)
 
 
