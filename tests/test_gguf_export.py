@@ -143,10 +143,11 @@ def test_exported_file_loads_with_the_checkpoint_logits(tmp_path, tokenizer_dir,
     assert not list(tmp_path.glob(".*eqtmp"))
 
 
-def test_asymmetric_checkpoint_exports_as_q4_1(tmp_path, tokenizer_dir) -> None:
-    """Codes and scales carry over; each zero point becomes Q4_1's fp16 minimum (the blocks'
-    bound is the property test's), so the logits move by that rounding only."""
-    config = QuantConfig(group_size=32, n_sigma=None, asymmetric=True, col_scale=False)
+@pytest.mark.parametrize("fractional", [False, True])
+def test_asymmetric_checkpoint_exports_as_q4_1(tmp_path, tokenizer_dir, fractional) -> None:
+    """Codes and scales carry over; each zero point, whole or fractional, becomes Q4_1's fp16
+    minimum (the blocks' bound is the property test's), so the logits move by that rounding only."""
+    config = QuantConfig(group_size=32, n_sigma=None, asymmetric=True, fractional_zero=fractional, col_scale=False)
     ckpt = _tiny_checkpoint("llama", tmp_path, tokenizer_dir, config)
     report = export_gguf(ckpt, tmp_path / "m.gguf", dense="f32", progress=False)
     assert report.requantized == 0 and set(report.quantized.values()) == {"Q4_1"}
