@@ -20,8 +20,9 @@ Memory layout of a ``(rows, cols)`` weight quantized at ``bits`` with groups of
 The weight it stands for is ``scales[r, j // group_size] * (packed code + qmin)``, or
 ``scales * (packed code - zeros / 2^zero_shift)`` for an asymmetric weight, times ``col_scales[j]`` for a
 dual-axis one, plus the outliers:
-:meth:`QuantizedWeight.dequantize`. Outlier positions hold the code of 0, so the dense part
-is 0 there and an outlier's stored value is the weight itself.
+:meth:`QuantizedWeight.dequantize`. Outlier positions hold the code nearest 0, so the dense
+part is 0 there and an outlier's stored value is the weight itself (under a fractional zero
+point the dense part there is a fraction of a step, and the stored value the weight less it).
 """
 
 from __future__ import annotations
