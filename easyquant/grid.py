@@ -26,6 +26,13 @@ import torch
 from .errors import EasyQuantError
 
 MIN_BITS, MAX_BITS = 2, 8
+
+
+def zero_shift(bits: int, fractional: bool) -> int:
+    """Fractional bits of a stored (uint8) zero point: all the byte leaves over ``bits``, or 0."""
+    return 8 - bits if fractional else 0
+
+
 # Smallest positive fp16 (a subnormal): scales are stored in fp16 and must not round to 0.
 FP16_TINY = 2.0**-24
 FP16_MAX = 65504.0

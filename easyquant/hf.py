@@ -28,6 +28,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import EasyQuantError
+from .grid import zero_shift
 from .nn import EasyQuantExperts, EasyQuantLinear, tensor_names
 from .pipeline import FORMAT_VERSION, format_version
 from .quantize import QuantConfig
@@ -131,7 +132,7 @@ class EasyQuantConfig(QuantizationConfigMixin):
 
     def zero_shift(self, bits: int) -> int:
         """Fractional bits of the stored zero points of a ``bits``-bit module (format 5)."""
-        return 8 - bits if self.fractional_zero else 0
+        return zero_shift(bits, self.fractional_zero)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import EasyQuantError
-from .grid import FP16_MAX, Grid, initial_scale, orient
+from .grid import FP16_MAX, Grid, initial_scale, orient, zero_shift
 from .groups import from_groups, to_groups
 from .objective import Objective
 from .outliers import Scope, sigma_mask
@@ -111,8 +111,7 @@ class QuantConfig:
 
     @property
     def zero_shift(self) -> int:
-        """Fractional bits of the stored zero point: ``8 - bits`` where fractional, else 0."""
-        return 8 - self.bits if self.fractional_zero else 0
+        return zero_shift(self.bits, self.fractional_zero)
 
     def make_affine_solver(self) -> AffineSearch:
         objective = {"objective": Objective(p=self.p)} if self.p is not None else {}
