@@ -57,8 +57,8 @@ def quantize_blocks(model: torch.nn.Module) -> None:
 
 
 def without_outliers(qw: QuantizedWeight) -> QuantizedWeight:
-    empty = qw.outlier_cols[:0]
-    return replace(qw, outlier_rowptr=torch.zeros_like(qw.outlier_rowptr), outlier_cols=empty,
+    """The dense part alone, as the format stores a weight without outliers (no row pointers)."""
+    return replace(qw, outlier_rowptr=qw.outlier_rowptr[:0], outlier_cols=qw.outlier_cols[:0],
                    outlier_values=qw.outlier_values[:0])  # fmt: skip
 
 

@@ -30,7 +30,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .errors import EasyQuantError
 from .grid import zero_shift
 from .nn import EasyQuantExperts, EasyQuantLinear, tensor_names
-from .pipeline import FORMAT_VERSION, format_version
+from .pipeline import COMPACT_ROWPTR, FORMAT_VERSION, format_version
 from .quantize import QuantConfig
 from .source import DTYPE_OF
 from .st_io import read_header
@@ -198,6 +198,7 @@ def replace_linears(model: nn.Module, qconfig: EasyQuantConfig, dtype: torch.dty
             qconfig.asymmetric,
             qconfig.col_scale,
             qconfig.zero_shift(bits),
+            qconfig.format_version >= COMPACT_ROWPTR,
         )
 
     for module, info in qconfig.modules.items():

@@ -254,7 +254,7 @@ if triton is not None:
         x_ptr, y_ptr, packed_ptr, scales_ptr, zeros_ptr, rowptr_ptr, cols_ptr, vals_ptr, bias_ptr,
         M, N, K, stride_xm, stride_ym, row_stride, n_groups,
         BITS: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, HAS_ZEROS: tl.constexpr,
-        ZERO_SHIFT: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+        ZERO_SHIFT: tl.constexpr, HAS_OUTLIERS: tl.constexpr, INDEX: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NNZ: tl.constexpr,
         SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         HAS_BIAS: tl.constexpr, NUM_STAGES: tl.constexpr, WORDS: tl.constexpr,
@@ -298,10 +298,11 @@ if triton is not None:
 
         if HAS_OUTLIERS:
             n0 = pid_n * BLOCK_N
-            start = tl.load(rowptr_ptr + n0)
-            end = tl.load(rowptr_ptr + tl.minimum(n0 + BLOCK_N, N))
+            start = tl.load(rowptr_ptr + n0).to(INDEX)
+            end = tl.load(rowptr_ptr + tl.minimum(n0 + BLOCK_N, N)).to(INDEX)
             # Row of each outlier in the tile: the number of row ends at or before it.
-            ends = tl.load(rowptr_ptr + rn + 1, mask=n_mask, other=end)
+            ends = tl.load(rowptr_ptr + rn + 1, mask=n_mask, other=0).to(INDEX)
+            ends = tl.where(n_mask, ends, end)
             local = tl.arange(0, BLOCK_N)
             for c in range(pid_k, tl.cdiv(end - start, BLOCK_NNZ), SPLIT_K):
                 j = start + c * BLOCK_NNZ + tl.arange(0, BLOCK_NNZ)
@@ -330,7 +331,7 @@ if triton is not None:
     @triton.jit
     def _outlier_kernel(
         x_ptr, y_ptr, rowptr_ptr, cols_ptr, vals_ptr, M, N, nnz, stride_xm, stride_ym,
-        SEARCH_STEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NNZ: tl.constexpr,
+        SEARCH_STEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NNZ: tl.constexpr, INDEX: tl.constexpr,
     ):  # fmt: skip
         """``y[:, row] += val * x[:, col]`` for outliers ``[pid * BLOCK_NNZ, ...)``, into fp32 ``y``."""
         j = tl.program_id(0) * BLOCK_NNZ + tl.arange(0, BLOCK_NNZ)
@@ -341,7 +342,7 @@ if triton is not None:
         hi = lo + N
         for _ in tl.static_range(SEARCH_STEPS):
             mid = (lo + hi) // 2
-            go = tl.load(rowptr_ptr + mid, mask=j_mask, other=0) <= j
+            go = tl.load(rowptr_ptr + mid, mask=j_mask, other=0).to(INDEX) <= j
             lo, hi = tl.where(go, mid, lo), tl.where(go, hi, mid)
         col = tl.load(cols_ptr + j, mask=j_mask, other=0).to(tl.int32)
         val = tl.load(vals_ptr + j, mask=j_mask, other=0.0).to(tl.float32)
@@ -411,11 +412,18 @@ def _packed_rows(qw: QuantizedWeight, block_k: int) -> tuple[torch.Tensor, int, 
     return qw.packed, row_bytes, False
 
 
-def _outliers(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """The outlier columns and values arguments; with no outliers, stand-ins (never read): an
+def _outliers(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The row pointer, column and value arguments; with no outliers, stand-ins (never read): an
     empty tensor loaded from safetensors can sit at another tensor's address, which Triton's
-    interpreter then copies over."""
-    return (qw.outlier_cols, qw.outlier_values) if qw.outlier_count else (qw.outlier_rowptr, qw.scales)
+    interpreter then copies over, and the format leaves the row pointers out."""
+    if qw.outlier_count:
+        return qw.outlier_rowptr, qw.outlier_cols, qw.outlier_values
+    return qw.scales, qw.scales, qw.scales
+
+
+def _index_type(qw: QuantizedWeight) -> tl.dtype:
+    """What the kernels widen the (narrow) row pointers to: int32, int64 past 2^31 outliers."""
+    return tl.int64 if qw.outlier_rowptr.dtype == torch.int64 else tl.int32
 
 
 def _zeros(qw: QuantizedWeight) -> torch.Tensor:
@@ -486,11 +494,12 @@ def plan_qmatmul(
     packed, row_stride, words = _packed_rows(qw, cfg.block_k)
     launches = [Launch(
         _qmatmul_kernel, (_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n), cfg.split_k),
-        (xd, y, packed, qw.scales, _zeros(qw), qw.outlier_rowptr, *_outliers(qw),
+        (xd, y, packed, qw.scales, _zeros(qw), *_outliers(qw),
          xd if bias is None else bias.contiguous(),
          m, n, k, xd.stride(0), y.stride(0), row_stride, qw.scales.shape[1]),
         dict(BITS=qw.bits, GROUP=qw.group_size, PER_ROW=qw.scales.shape[1] == 1,
              HAS_ZEROS=qw.asymmetric, ZERO_SHIFT=qw.zero_shift, HAS_OUTLIERS=qw.outlier_count > 0 and not balanced,
+             INDEX=_index_type(qw),
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_NNZ=cfg.block_nnz,
              SPLIT_K=cfg.split_k, ATOMIC=atomic,
              PRECISION="ieee" if x.dtype == torch.float32 or interpreted_bf16 else "tf32",
@@ -503,7 +512,7 @@ def plan_qmatmul(
             _outlier_kernel, (_cdiv(qw.outlier_count, cfg.block_nnz), _cdiv(m, block_m)),
             (x2, y, qw.outlier_rowptr, qw.outlier_cols, qw.outlier_values, m, n, qw.outlier_count,
              x2.stride(0), y.stride(0)),
-            dict(SEARCH_STEPS=max(1, n.bit_length()), BLOCK_M=block_m, BLOCK_NNZ=cfg.block_nnz),
+            dict(SEARCH_STEPS=max(1, n.bit_length()), BLOCK_M=block_m, BLOCK_NNZ=cfg.block_nnz, INDEX=_index_type(qw)),
         ))  # fmt: skip
     return y, launches
 

@@ -25,7 +25,7 @@ from . import cpu_kernel, kernel, ops
 from .errors import EasyQuantError
 from .groups import group_count
 from .packing import packed_cols
-from .qweight import QuantizedWeight, index_dtype, rowptr_dtype
+from .qweight import QuantizedWeight, index_dtype, rowptr_layout
 
 QUANTIZED_TENSORS = ("packed", "scales", "outlier_rowptr", "outlier_cols", "outlier_values")
 BACKENDS = ("auto", "triton", "torch")
@@ -61,6 +61,7 @@ class EasyQuantLinear(nn.Module):
         asymmetric: bool = False,
         col_scale: bool = False,
         zero_shift: int = 0,
+        compact_rowptr: bool = True,  # False: row pointers as formats 1-5 stored them
     ):
         super().__init__()
         self.asymmetric, self.col_scale, self.zero_shift = asymmetric, col_scale, zero_shift
@@ -74,7 +75,8 @@ class EasyQuantLinear(nn.Module):
         self.scales = _frozen(
             torch.zeros(out_features, group_count(in_features, self.group_size), dtype=torch.float16, **kw)
         )
-        self.outlier_rowptr = _frozen(torch.zeros(out_features + 1, dtype=rowptr_dtype(outliers), **kw))
+        shape, ptr_dtype = rowptr_layout(out_features, outliers, compact_rowptr)
+        self.outlier_rowptr = _frozen(torch.zeros(shape, dtype=ptr_dtype, **kw))
         self.outlier_cols = _frozen(torch.zeros(outliers, dtype=index_dtype(in_features), **kw))
         self.outlier_values = _frozen(torch.zeros(outliers, dtype=torch.float16, **kw))
         self.zeros = _frozen(torch.zeros_like(self.scales, dtype=torch.uint8)) if asymmetric else None

@@ -46,7 +46,9 @@ from .targets import Plan, Target, find_targets
 # 3: dual-axis weights (an fp16 scale per input column).
 # 4: a bit width and group size per module (--target-bpw).
 # 5: fractional zero points (uint8 in steps of 2^-(8 - bits), --fractional-zero).
-FORMAT_VERSION = 5
+# 6: compact row pointers (the narrowest type holding the outlier count; none without outliers).
+COMPACT_ROWPTR = 6
+FORMAT_VERSION = 6
 WORK_DIR = ".easyquant-work"
 PLAN = "plan.json"  # in the work folder: each module's settings under a bits budget, fixed once chosen
 SUMMARY = "easyquant_summary.md"
@@ -56,8 +58,8 @@ MIN_QUANTIZED_SHARE = 0.5
 
 
 def format_version(config: QuantConfig, per_module: bool = False) -> int:
-    """The oldest format that holds weights made with ``config`` (what the checkpoint records, so
-    that older readers still load it where they can); ``per_module``: settings vary by module."""
+    """The oldest format that holds weights made with ``config``, row pointers aside (a reader
+    refuses a checkpoint that claims an older one); ``per_module``: settings vary by module."""
     if config.fractional_zero:
         return 5
     return 4 if per_module else 3 if config.col_scale else 2 if config.asymmetric else 1
@@ -387,7 +389,7 @@ def quantization_config_dict(
                 modules[experts] |= {"bits": rows[t.module]["bits"], "group_size": group}
     return {
         "quant_method": "easyquant",
-        "format_version": format_version(config, per_module),
+        "format_version": FORMAT_VERSION,
         **config.to_dict(),
         **({"target_bpw": options.target_bpw} if per_module else {}),
         "skip": list(options.skip),
@@ -432,7 +434,7 @@ def quantize_model(
                 "source": fingerprint(src),
                 "config": config.to_dict(),
                 "options": asdict(options),
-                "format_version": format_version(config, options.target_bpw is not None),
+                "format_version": FORMAT_VERSION,
             }
         )
     )

@@ -12,8 +12,11 @@ Memory layout of a ``(rows, cols)`` weight quantized at ``bits`` with groups of
   integer zero point; format 5: ``8 - bits``, a fractional one in steps of ``2^-zero_shift``).
 - ``col_scales`` (dual-axis weights only, format 3): fp16 ``(cols,)``, positive: a scale per
   input column that multiplies the dense part (:mod:`easyquant.sinkhorn`), not the outliers.
-- outliers in CSR: ``outlier_rowptr`` int32 (int64 past 2^31 outliers) ``(rows + 1,)``,
-  ``outlier_cols`` in the narrowest type holding a column index (uint8 up to 256 columns,
+- outliers in CSR: ``outlier_rowptr`` ``(rows + 1,)`` in the narrowest type holding the outlier
+  count (uint8 up to 255, int16 up to 32767, int32, int64 past 2^31), and empty ``(0,)`` when
+  there are no outliers (format 6; formats 1-5 stored int32 ``(rows + 1,)`` always, which loads
+  too: a weight without outliers paid 32 bits a row for nothing), ``outlier_cols`` in the
+  narrowest type holding a column index (uint8 up to 256 columns,
   int16 up to 32768, else int32) ``(nnz,)``, ascending within a row, and
   ``outlier_values`` fp16 ``(nnz,)``.
 
@@ -46,15 +49,32 @@ def index_dtype(cols: int) -> torch.dtype:
     return torch.int32
 
 
-def rowptr_dtype(nnz: int) -> torch.dtype:
-    return torch.int32 if nnz < 2**31 else torch.int64
+def rowptr_layout(rows: int, nnz: int, compact: bool = True) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype of the row pointers of ``nnz`` outliers over ``rows`` rows; ``compact=False``:
+    as formats 1-5 stored them (int32, int64 past 2^31 outliers, ``rows + 1`` even with none)."""
+    if not compact:
+        return (rows + 1,), torch.int32 if nnz < 2**31 else torch.int64
+    if nnz == 0:
+        return (0,), torch.uint8
+    dtype = next(t for t in (torch.uint8, torch.int16, torch.int32, torch.int64) if nnz <= torch.iinfo(t).max)
+    return (rows + 1,), dtype
+
+
+def compact_rowptr(ptr: torch.Tensor) -> torch.Tensor:
+    """Full row pointers ``(rows + 1,)`` of any integer type in the format's compact layout."""
+    shape, dtype = rowptr_layout(len(ptr) - 1, int(ptr[-1]))
+    return ptr.to(dtype) if shape[0] else ptr.new_zeros(0, dtype=dtype)
+
+
+def rowptr_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Compact row pointers of a CSR matrix with ``counts[r]`` entries in row ``r``."""
+    return compact_rowptr(torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
 
 
 def csr_from_mask(mask: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CSR (row pointers, column indices, fp16 values) of the True entries of ``mask``."""
     cols = mask.shape[1]
-    counts = mask.sum(dim=1)
-    rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(rowptr_dtype(int(counts.sum())))
+    rowptr = rowptr_from_counts(mask.sum(dim=1))
     col_idx = mask.nonzero()[:, 1].to(index_dtype(cols))
     return rowptr, col_idx, values[mask].to(torch.float16)
 
@@ -81,7 +101,7 @@ class QuantizedWeight:
         expect = {
             "packed": (rows, packed_cols(cols, self.bits)),
             "scales": (rows, group_count(cols, self.group_size)),
-            "outlier_rowptr": (rows + 1,),
+            "outlier_rowptr": (rows + 1,) if self.outlier_rowptr.numel() or self.outlier_cols.numel() else (0,),
             "outlier_values": tuple(self.outlier_cols.shape),
         }
         if self.zeros is not None:
@@ -100,7 +120,7 @@ class QuantizedWeight:
         dtypes = {
             "packed": (torch.uint8,),
             "scales": (torch.float16,),
-            "outlier_rowptr": (torch.int32, torch.int64),
+            "outlier_rowptr": (torch.uint8, torch.int16, torch.int32, torch.int64),
             "outlier_cols": (torch.uint8, torch.int16, torch.int32),
             "outlier_values": (torch.float16,),
             "zeros": (torch.uint8,),
@@ -116,7 +136,7 @@ class QuantizedWeight:
                 raise EasyQuantError(f"{name}.{field} holds NaN or Inf")
         if self.col_scales is not None and not bool((torch.isfinite(self.col_scales) & (self.col_scales > 0)).all()):
             raise EasyQuantError(f"{name}.col_scales holds values that are not finite and positive")
-        ptr, idx, cols = self.outlier_rowptr.long(), self.outlier_cols.long(), self.shape[1]
+        ptr, idx, cols = self.row_pointers(), self.outlier_cols.long(), self.shape[1]
         if ptr[0] != 0 or ptr[-1] != idx.numel() or bool((ptr.diff() < 0).any()):
             raise EasyQuantError(f"{name}.outlier_rowptr is not a valid CSR row pointer for {idx.numel()} outliers")
         if idx.numel() and not (0 <= idx.min() and idx.max() < cols):
@@ -186,9 +206,15 @@ class QuantizedWeight:
             )
         return w
 
+    def row_pointers(self) -> torch.Tensor:
+        """The CSR row pointers as int64 ``(rows + 1,)``, also where the format leaves them out."""
+        if self.outlier_rowptr.numel():
+            return self.outlier_rowptr.long()
+        return torch.zeros(self.shape[0] + 1, dtype=torch.long, device=self.outlier_rowptr.device)
+
     def outlier_rows(self) -> torch.Tensor:
         """The row of each outlier (the CSR row pointers expanded)."""
-        ptr = self.outlier_rowptr.long()
+        ptr = self.row_pointers()
         return torch.repeat_interleave(torch.arange(self.shape[0], device=ptr.device), ptr.diff())
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ import torch
 
 from .errors import EasyQuantError
 from .packing import pack, unpack
-from .qweight import QuantizedWeight, index_dtype, rowptr_dtype
+from .qweight import QuantizedWeight, compact_rowptr, index_dtype, rowptr_from_counts
 
 PACK_CODES = 8  # codes per packed unit: 8 codes take ``bits`` bytes
 
@@ -29,12 +29,12 @@ def take_rows(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
     rows, cols = qw.shape
     if not 0 <= start < stop <= rows:
         raise EasyQuantError(f"rows [{start}, {stop}) are outside a weight of {rows} rows")
-    ptr = qw.outlier_rowptr.long()
+    ptr = qw.row_pointers()
     lo, hi = int(ptr[start]), int(ptr[stop])
     return QuantizedWeight(
         qw.packed[start:stop],
         qw.scales[start:stop],
-        (ptr[start : stop + 1] - lo).to(rowptr_dtype(hi - lo)),
+        compact_rowptr(ptr[start : stop + 1] - lo),
         qw.outlier_cols[lo:hi],
         qw.outlier_values[lo:hi],
         qw.bits,
@@ -67,7 +67,7 @@ def take_cols(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
     r, c = qw.outlier_rows(), qw.outlier_cols.long()
     keep = (c >= start) & (c < stop)
     counts = torch.bincount(r[keep], minlength=rows)
-    rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(rowptr_dtype(int(keep.sum())))
+    rowptr = rowptr_from_counts(counts)
     col_idx, vals = (c[keep] - start).to(index_dtype(width)), qw.outlier_values[keep]
     return QuantizedWeight(
         pack(codes, qw.bits), scales.contiguous(), rowptr, col_idx, vals, qw.bits, min(group, width), (rows, width),
@@ -95,16 +95,15 @@ def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
                 "cannot stack weights with different column scales (dual-axis weights share an input only if their "
                 "column scales are equal)"
             )
-    nnz = sum(p.outlier_count for p in parts)
     offsets = torch.tensor([0] + [p.outlier_count for p in parts]).cumsum(0)
     rowptr = torch.cat(
-        [parts[0].outlier_rowptr.long()[:1]]
-        + [p.outlier_rowptr.long()[1:] + int(off) for p, off in zip(parts, offsets[:-1], strict=True)]
+        [parts[0].row_pointers()[:1]]
+        + [p.row_pointers()[1:] + int(off) for p, off in zip(parts, offsets[:-1], strict=True)]
     )
     return QuantizedWeight(
         torch.cat([p.packed for p in parts]),
         torch.cat([p.scales for p in parts]),
-        rowptr.to(rowptr_dtype(nnz)),
+        compact_rowptr(rowptr),
         torch.cat([p.outlier_cols.to(index_dtype(cols)) for p in parts]),
         torch.cat([p.outlier_values for p in parts]),
         first.bits,

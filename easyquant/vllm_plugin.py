@@ -126,7 +126,7 @@ class EasyQuantLinearMethod(LinearMethodBase):
     def _local(self, layer: torch.nn.Module, index: int, shard: object, t: dict[str, torch.Tensor]) -> QuantizedWeight:
         """One logical shard, full as stored, cut for this tensor-parallel rank."""
         local_cols, local_rows, cols, dtype = layer.easyquant_sizes
-        rows = t["outlier_rowptr"].numel() - 1
+        rows = t["packed"].shape[0]
         name = f"{layer.prefix}[{shard}]" if shard is not None else layer.prefix
         names = tensor_names(self.config.asymmetric, self.config.col_scale)
         bits, group_size = self.config.module_settings(self.modules[index])

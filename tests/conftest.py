@@ -128,12 +128,24 @@ def loads_like_memory(tmp_path, config, kind: str = "llama") -> tuple[dict, obje
 
 
 def claim_format(out, version: int) -> None:
-    """Rewrite the checkpoint's recorded format version (what an older writer would have put)."""
+    """Rewrite the checkpoint's recorded format version, and before format 6 its row pointers as
+    int32 ``(rows + 1,)`` (what an older writer would have put)."""
     import json
+
+    from safetensors.torch import load_file, save_file
 
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"]["format_version"] = version
     (out / "config.json").write_text(json.dumps(config))
+    if version >= 6:
+        return
+    for shard in out.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for key in [k for k in tensors if k.endswith(".outlier_rowptr")]:
+            rows = tensors[key.removesuffix("outlier_rowptr") + "packed"].shape[0]
+            ptr = tensors[key].long() if tensors[key].numel() else torch.zeros(rows + 1, dtype=torch.long)
+            tensors[key] = ptr.int()
+        save_file(tensors, shard, metadata={"format": "pt"})
 
 
 def module_matches(qw, dtype: torch.dtype):

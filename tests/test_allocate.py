@@ -63,10 +63,10 @@ def test_plan_gives_the_harder_layer_more_bits():
     easy, hard = torch.randn(64, 128) * 0.02, heavy_tailed(64, 128, seed=1, df=2.5)
     weights = [("easy", lambda: easy), ("hard", lambda: hard)]
     base = QuantConfig(group_size=64, col_scale=False)
-    chosen = plan(weights, base, 4.3, progress=False)
+    chosen = plan(weights, base, 5.0, progress=False)
     got = sum(quantize_weight(w, chosen[name]).bits_per_weight for name, w in (("easy", easy), ("hard", hard))) / 2
-    assert got <= 4.3
-    assert chosen["easy"] != chosen["hard"]
+    assert got <= 5.0
+    assert chosen["hard"].bits > chosen["easy"].bits
     # Weights that share a name are one unit: one setting, their errors and bits summed.
     shared = plan([("both", lambda: easy), ("both", lambda: hard)], base, 4.3, progress=False)
     assert list(shared) == ["both"]
@@ -81,7 +81,7 @@ def test_target_bpw_checkpoint_loads_with_each_modules_settings(tmp_path, capsys
     printed = capsys.readouterr().out
     assert "settings chosen for 4.3 bits/weight:" in printed and "-bit g" in printed
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["format_version"] == 4 and qc["target_bpw"] == 4.3
+    assert qc["format_version"] == 6 and qc["target_bpw"] == 4.3
     settings_ = {(m["bits"], m["group_size"]) for m in qc["modules"].values()}
     assert len(settings_) > 1  # a mix, not one setting everywhere
     summary = (out / "easyquant_summary.md").read_text()
@@ -141,7 +141,7 @@ def test_target_bpw_gives_each_experts_module_one_setting(tmp_path):
     summary = quantize_model(src, out, base, Options(target_bpw=4.4), progress=False)
     assert summary.bits_per_weight <= 4.4
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["format_version"] == 4
+    assert qc["format_version"] == 6
     experts = {m: info for m, info in qc["modules"].items() if isinstance(info["outliers"], dict)}
     assert len(experts) == 2 and len({(m["bits"], m["group_size"]) for m in qc["modules"].values()}) > 1
     rows = {r["module"]: r for r in summary.layers}

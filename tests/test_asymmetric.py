@@ -137,7 +137,7 @@ def test_checkpoint_loads_with_the_in_memory_logits(tmp_path):
     cfg = QuantConfig(bits=4, group_size=32, n_sigma=2.5, asymmetric=True, col_scale=False)
     qc, shard, tensors, summary = loads_like_memory(tmp_path, cfg)
     out = shard.parent
-    assert qc["asymmetric"] is True and qc["format_version"] == 2 < FORMAT_VERSION
+    assert qc["asymmetric"] is True and qc["format_version"] == FORMAT_VERSION
     assert sum(k.endswith(".zeros") for k in tensors) == len(summary.layers)
 
     # damaged zero points are refused by name; a format-1 config may not claim asymmetric weights
@@ -166,8 +166,8 @@ def test_missing_zeros_are_refused_and_format_1_checkpoints_still_load(tmp_path)
     # A symmetric checkpoint as easyquant 1 wrote it (format 1, no asymmetric key) loads as before.
     quantize_model(src, sym, QuantConfig(group_size=32, col_scale=False), progress=False)
     before = transformers.AutoModelForCausalLM.from_pretrained(sym).eval()
+    claim_format(sym, 1)
     config = json.loads((sym / "config.json").read_text())
-    config["quantization_config"]["format_version"] = 1
     del config["quantization_config"]["asymmetric"], config["quantization_config"]["col_scale"]
     (sym / "config.json").write_text(json.dumps(config))
     old = transformers.AutoModelForCausalLM.from_pretrained(sym).eval()

@@ -117,9 +117,9 @@ def test_shards_keep_the_zero_shift():
         stack_rows([parts[0], integer])
 
 
-def test_checkpoint_is_format_5_and_loads_with_the_in_memory_logits(tmp_path):
+def test_checkpoint_is_format_6_and_loads_with_the_in_memory_logits(tmp_path):
     qc, shard, _, _ = loads_like_memory(tmp_path, replace(FRACTIONAL, group_size=32))
-    assert qc["fractional_zero"] is True and qc["format_version"] == 5
+    assert qc["fractional_zero"] is True and qc["format_version"] == 6
     model = transformers.AutoModelForCausalLM.from_pretrained(shard.parent)
     lin = next(m for m in model.modules() if isinstance(m, EasyQuantLinear))
     assert lin.zero_shift == 4 and isinstance(lin.quantized_weight(), QuantizedWeight)

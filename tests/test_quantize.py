@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,7 +10,8 @@ from easyquant import EasyQuantError, QuantConfig, quantize_weight
 from easyquant.grid import Grid
 from easyquant.groups import from_groups, to_groups
 from easyquant.outliers import sigma_mask
-from easyquant.qweight import index_dtype
+from easyquant.packing import packed_cols
+from easyquant.qweight import QuantizedWeight, csr_from_mask, index_dtype, rowptr_layout
 
 
 def paper_shape(**kw: object) -> QuantConfig:
@@ -38,7 +41,7 @@ def test_normal_weights_within_half_step_and_outliers_exact(bits, rows, cols, gr
     s = expanded_scales(q)
     deq = q.dequantize()
     outlier = torch.zeros_like(w, dtype=torch.bool)
-    r = torch.repeat_interleave(torch.arange(rows), torch.diff(q.outlier_rowptr.long()))
+    r = torch.repeat_interleave(torch.arange(rows), torch.diff(q.row_pointers()))
     outlier[r, q.outlier_cols.long()] = True
     # Outliers come back exactly, to fp16.
     assert torch.equal(deq[outlier], w[outlier].half().float())
@@ -101,9 +104,39 @@ def test_bits_per_weight_counts_everything():
     w = heavy_tailed(64, 512, seed=3)
     q = quantize_weight(w, paper_shape(bits=4, group_size=64))
     nnz = q.outlier_count
-    expected_bytes = 64 * 512 // 2 + 64 * 8 * 2 + 65 * 4 + nnz * (2 + 2)
+    assert 255 < nnz <= 32767  # int16 row pointers
+    expected_bytes = 64 * 512 // 2 + 64 * 8 * 2 + 65 * 2 + nnz * (2 + 2)
     assert q.nbytes == expected_bytes
     assert q.bits_per_weight == pytest.approx(8 * expected_bytes / (64 * 512))
+    # Without outliers nothing but codes and scales: GPTQ's own bits at per-channel scales.
+    plain = quantize_weight(w, paper_shape(bits=3, n_sigma=None))
+    assert plain.outlier_rowptr.numel() == 0 and plain.bits_per_weight == 3 + 16 / 512
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 40), p=st.floats(0, 1), seed=st.integers(0, 2**16))
+def test_row_pointers_are_compact_and_exact(rows, cols, p, seed):
+    """Row pointers take the narrowest type holding the outlier count and are left out without
+    outliers; whatever the layout, they expand to the rows of the mask's entries."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, cols, generator=g) < p
+    full = torch.randn(rows, cols, generator=g)
+    rowptr, col_idx, values = csr_from_mask(mask, full)
+    nnz = int(mask.sum())
+    assert rowptr.dtype == (torch.uint8 if nnz <= 255 else torch.int16)
+    assert rowptr.numel() == (rows + 1 if nnz else 0)
+    qw = QuantizedWeight(
+        torch.zeros(rows, packed_cols(cols, 4), dtype=torch.uint8), torch.ones(rows, 1, dtype=torch.float16),
+        rowptr, col_idx, values, 4, cols, (rows, cols), torch.float32,
+    )  # fmt: skip
+    qw.check("w")
+    assert torch.equal(qw.row_pointers(), torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(1).cumsum(0)]))
+    assert torch.equal(qw.add_outliers(torch.zeros(rows, cols)), torch.where(mask, full.half().float(), 0.0))
+    for legacy in (rowptr_layout(rows, nnz, compact=False), rowptr_layout(rows, 2**31, compact=False)):
+        old = replace(qw, outlier_rowptr=qw.row_pointers().to(legacy[1]))  # as formats 1-5 stored it
+        old.check("w")
+        assert torch.equal(old.dequantize(), qw.dequantize())
+    assert rowptr_layout(rows, 2**15) == ((rows + 1,), torch.int32)
 
 
 def test_index_dtype_is_narrowest():

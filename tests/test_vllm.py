@@ -82,7 +82,7 @@ def _tiny(kind: str, folder: Path) -> None:
         ("qwen2", QuantConfig(bits=3, group_size=32, outlier_scope="row"), 2, Options()),
         ("llama", QuantConfig(group_size=32, asymmetric=True), 2, Options()),
         ("llama", QuantConfig(group_size=32, col_scale=True), 2, Options()),
-        ("qwen2", QuantConfig(group_size=32), 2, Options(target_bpw=4.3)),
+        ("qwen2", QuantConfig(group_size=32, n_sigma=3.0), 2, Options(target_bpw=4.5)),
     ],
     ids=[
         "llama-default",
