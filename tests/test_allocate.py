@@ -103,7 +103,7 @@ def _quantize_on_budget(src, out, flags: list[str], base: QuantConfig, target: f
         m = qc["modules"][name]
         # The plan's setting: its bits and groups, outliers kept or not as the stored count says.
         made = (quantize_weight(lin.weight.data, c) for c in menu(base) if c.bits == m["bits"])
-        qw = next(q for q in made if (q.group_size, q.outlier_count) == (m["group_size"] or q.shape[1], m["outliers"]))
+        qw = next(q for q in made if (q.group_size, q.outlier_count) == (m["group_size"], m["outliers"]))
         bits, n = bits + qw.bits_per_weight * lin.weight.numel(), n + lin.weight.numel()
         lin.weight.data = qw.dequantize()
         assert f"| {name} | {lin.out_features}x{lin.in_features} | {m['bits']} | {m['group_size']} |" in summary
@@ -124,13 +124,13 @@ def test_target_bpw_checkpoint_loads_with_each_modules_settings(tmp_path, capsys
     qc = _quantize_on_budget(src, tmp_path / "out", flags, base, target)
     printed = capsys.readouterr().out
     assert f"settings chosen for {target} bits/weight:" in printed and shown in printed
-    assert len({(m["bits"], m["outliers"] > 0) for m in qc["modules"].values()}) > 1  # a mix, not one setting
+    assert len({(m["bits"], m["group_size"]) for m in qc["modules"].values()}) > 1  # a mix, not one setting
 
 
 def test_target_bpw_refuses_damaged_module_settings(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     tiny_model("llama", src)
-    _quantize_on_budget(src, out, *BUDGETS[0][:3])
+    main(["quantize", str(src), str(out), "--target-bpw", "4.3", "--group-size", "32"])
     # Format 4 is what per-module settings need; a damaged entry is refused by name.
     claim_format(out, 3)
     with pytest.raises(EasyQuantError, match="need format_version 4"):
