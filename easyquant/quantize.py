@@ -57,7 +57,7 @@ class QuantConfig:
     row, as ``outlier_scope`` says), but the ones whose removal lowers the loss most once the
     ranges are solved again (:mod:`easyquant.savings`); it costs a few more solves per matrix.
 
-    The defaults (groups of 64, outliers past 4 sigma, column scales, 4.35 bits per weight on a
+    The defaults (groups of 64, outliers past 4 sigma, column scales, 4.32 bits per weight on a
     576-column model) are the setting with the lowest KL divergence at about 4.4 bits per weight
     on every real model measured (RESULTS.md, "Choosing the default"); ``group_size=None,
     n_sigma=3, col_scale=False`` is the paper's per-channel shape.
