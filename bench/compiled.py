@@ -1,9 +1,9 @@
 """What the compiler makes of the kernels for an H100, without an H100.
 
-Every launch ``easyquant.kernel.qmatmul`` would make for the benchmark's layer shapes and
+Every launch ``easyquant.runtime.kernel.qmatmul`` would make for the benchmark's layer shapes and
 batches (the same planner, the tile sizes ``default_config`` picks for the GPU's SM count,
 both outlier paths) and the dequantizer, plus every bit width and scale layout once, are
-compiled ahead of time for ``sm_90`` by ``easyquant.kernel_aot`` with the ptxas in Triton's
+compiled ahead of time for ``sm_90`` by ``easyquant.runtime.kernel.aot`` with the ptxas in Triton's
 wheel, and read back from the cubin: registers and local memory per thread (spills), shared
 memory, resident warps per SM that the registers allow, tensor-core instructions, global
 loads by width, warp shuffles and atomics. These are static facts about the machine code
@@ -24,16 +24,16 @@ from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # the compiler, not the interpreter, before easyquant.kernel loads
+os.environ.pop("TRITON_INTERPRET", None)  # the compiler, not the interpreter, before easyquant.runtime.kernel loads
 
 import torch
 import triton
 from workloads import BATCHES, SHAPES, markdown_table, synthetic
 
-from easyquant.kernel import OUTLIER_MODES, default_config, plan_dequantize, plan_qmatmul
-from easyquant.kernel_aot import CompiledLaunch, compile_launch
-from easyquant.packing import pack
-from easyquant.qweight import QuantizedWeight
+from easyquant.core.packing import pack
+from easyquant.core.qweight import QuantizedWeight
+from easyquant.runtime.kernel import OUTLIER_MODES, default_config, plan_dequantize, plan_qmatmul
+from easyquant.runtime.kernel.aot import CompiledLaunch, compile_launch
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

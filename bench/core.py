@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from easyquant import QuantConfig, quantize_weight
-from easyquant.compare import PER_CHANNEL
-from easyquant.peers import hqq_quantize
+from easyquant.eval.compare import PER_CHANNEL
+from easyquant.eval.peers import hqq_quantize
 
 Method = Callable[[torch.Tensor], tuple[torch.Tensor, float, float]]
 
@@ -69,7 +69,7 @@ def methods(bits: int) -> dict[str, Method]:
 def smollm2_linears(layers: list[int]) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    from easyquant.assets import smollm2_gguf
+    from easyquant.eval.assets import smollm2_gguf
 
     path = smollm2_gguf()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -84,7 +84,7 @@ def smollm2_linears(layers: list[int]) -> dict[str, torch.Tensor]:
 def minilm_linears() -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from easyquant.assets import minilm_dir
+    from easyquant.eval.assets import minilm_dir
 
     tensors = load_file(minilm_dir() / "model.safetensors")
     return {f"minilm:{k}": v for k, v in tensors.items() if ".layer." in k and k.endswith(".weight") and v.dim() == 2}

@@ -31,9 +31,9 @@ import torch
 import transformers
 from workloads import SHAPES, markdown_table, quantize_blocks, synthetic, timer
 
-from easyquant import cpu_kernel
-from easyquant.evaluate import generation_speed
-from easyquant.nn import EasyQuantLinear
+from easyquant.eval.evaluate import generation_speed
+from easyquant.runtime import cpu_kernel
+from easyquant.runtime.nn import EasyQuantLinear
 
 LAYER_SHAPES = {"smollm2": [(576, 576), (1536, 576), (576, 1536)], **SHAPES}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -74,8 +74,8 @@ def load(name: str) -> transformers.PreTrainedModel:
                                        num_attention_heads=4, max_position_embeddings=256)  # fmt: skip
         torch.manual_seed(0)
         return transformers.LlamaForCausalLM(cfg).eval()
-    from easyquant.assets import smollm2_gguf
-    from easyquant.models import load_causal_lm
+    from easyquant.eval.assets import smollm2_gguf
+    from easyquant.eval.models import load_causal_lm
 
     return load_causal_lm(smollm2_gguf())[0]
 

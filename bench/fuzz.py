@@ -41,8 +41,8 @@ from workloads import quiet_transformers, save_random_llama, trial_args, trial_m
 
 import easyquant  # noqa: F401  (registers the loader)
 from easyquant import EasyQuantError, QuantConfig
-from easyquant.nn import QUANTIZED_TENSORS, EasyQuantLinear
-from easyquant.pipeline import quantize_model
+from easyquant.checkpoint.pipeline import quantize_model
+from easyquant.runtime.nn import QUANTIZED_TENSORS, EasyQuantLinear
 
 KINDS = ("header", "entry", "tensor", "csr", "config")
 ODD_VALUES = [None, -1, 0, 1, 3, 9, 2**40, 10**18, -(2**63), 1.5, float("nan"), "4", "", [], {}, [4], {"a": 1}, True]

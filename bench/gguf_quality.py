@@ -25,14 +25,14 @@ import torch
 from workloads import format_table, quiet_transformers, trial_meta, write_report
 
 from easyquant import QuantConfig
-from easyquant.assets import news_text, smollm2_gguf
-from easyquant.compare import PER_CHANNEL
-from easyquant.evaluate import Reference, evaluate, read_text, token_windows
-from easyquant.ggml_blocks import Q8_0
-from easyquant.gguf_export import Layout, export_gguf
-from easyquant.models import load_causal_lm
-from easyquant.pipeline import quantize_model
-from easyquant.source import source_note
+from easyquant.checkpoint.pipeline import quantize_model
+from easyquant.checkpoint.source import source_note
+from easyquant.eval.assets import news_text, smollm2_gguf
+from easyquant.eval.compare import PER_CHANNEL
+from easyquant.eval.evaluate import Reference, evaluate, read_text, token_windows
+from easyquant.eval.models import load_causal_lm
+from easyquant.integrations.ggml_blocks import Q8_0
+from easyquant.integrations.gguf_export import Layout, export_gguf
 
 RECIPES = {
     "easyquant per channel, 3 sigma outliers": QuantConfig(**PER_CHANNEL),

@@ -2,7 +2,7 @@
 
 Layers: for each weight shape, batch and outlier fraction, with outliers spread evenly over
 the rows or crowded into some rows as real weights have them, in one run: the time of
-``easyquant.kernel.qmatmul`` with each outlier path (fused into the tiles, or the balanced
+``easyquant.runtime.kernel.qmatmul`` with each outlier path (fused into the tiles, or the balanced
 second kernel; "chosen" is the one ``outlier_mode`` picks and the ratios use), of the same
 kernel on the same codes with no outliers, and of ``torch.nn.functional.linear`` on the fp16
 weight; the ratios between them; and the kernel's
@@ -17,7 +17,7 @@ random weights in fp16 against the same model with its block linears quantized (
 per channel, n-sigma 3, ``rtn`` range: the solver does not change the speed); eager, and
 compiled as Hugging Face documents it (static KV cache, ``torch.compile`` of the forward with
 ``fullgraph=True``, CUDA graphs via ``mode="reduce-overhead"``): the quantized linears are one
-opaque custom op each (:mod:`easyquant.ops`), so the whole step is one graph.
+opaque custom op each (:mod:`easyquant.runtime.ops`), so the whole step is one graph.
 
 Without a GPU it runs a reduced form on the CPU under TRITON_INTERPRET=1 (small shapes,
 wall-clock timing that says nothing about GPU speed), so that it cannot rot.
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before easyquant.kernel defines its kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before easyquant.runtime.kernel defines its kernels
 
 import transformers
 from workloads import (
@@ -52,9 +52,9 @@ from workloads import (
     without_outliers,
 )
 
-from easyquant.evaluate import generation_speed
-from easyquant.kernel import OUTLIER_MODES, default_config, multiprocessors, outlier_mode, qmatmul, tile_skew
-from easyquant.nn import EasyQuantLinear
+from easyquant.eval.evaluate import generation_speed
+from easyquant.runtime.kernel import OUTLIER_MODES, default_config, multiprocessors, outlier_mode, qmatmul, tile_skew
+from easyquant.runtime.nn import EasyQuantLinear
 
 # Peak DRAM bandwidth (GB/s) from the vendors' data sheets, by a substring of the device name.
 PEAK_GBPS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800, "A100-SXM4": 2039}

@@ -31,13 +31,13 @@ from gguf_quality import llama_cpp_q4_0
 from workloads import format_table, quiet_transformers, trial_meta, write_report
 
 from easyquant import QuantConfig
-from easyquant.assets import news_text, smollm2_gguf
-from easyquant.compare import PER_CHANNEL
-from easyquant.evaluate import read_text
-from easyquant.gguf_export import export_gguf
-from easyquant.models import load_causal_lm
-from easyquant.pipeline import quantize_model
-from easyquant.source import source_note
+from easyquant.checkpoint.pipeline import quantize_model
+from easyquant.checkpoint.source import source_note
+from easyquant.eval.assets import news_text, smollm2_gguf
+from easyquant.eval.compare import PER_CHANNEL
+from easyquant.eval.evaluate import read_text
+from easyquant.eval.models import load_causal_lm
+from easyquant.integrations.gguf_export import export_gguf
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from easyquant.st_io import Entry, atomic_write_json, write_safetensors
+from easyquant.checkpoint.st_io import Entry, atomic_write_json, write_safetensors
 
 
 def synthetic_checkpoint(

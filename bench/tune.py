@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before easyquant.kernel defines its kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before easyquant.runtime.kernel defines its kernels
 
 from workloads import SHAPES, markdown_table, run_meta, synthetic, timer
 
-from easyquant.kernel import KernelConfig, default_config, multiprocessors, outlier_mode, qmatmul
-from easyquant.qweight import QuantizedWeight
+from easyquant.core.qweight import QuantizedWeight
+from easyquant.runtime.kernel import KernelConfig, default_config, multiprocessors, outlier_mode, qmatmul
 
 GPU_CHOICES = {"block_n": [16, 32, 64, 128], "block_k": [32, 64, 128, 256], "split_k": [1, 2, 4, 8, 16],
                "num_warps": [2, 4, 8], "num_stages": [2, 3, 4]}  # fmt: skip

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from workloads import format_table, trial_meta, write_report
 
-from easyquant.assets import smollm2_gguf
-from easyquant.pipeline import quantize_model
-from easyquant.source import source_note, stage_gguf
+from easyquant.checkpoint.pipeline import quantize_model
+from easyquant.checkpoint.source import source_note, stage_gguf
+from easyquant.eval.assets import smollm2_gguf
 
 
 def tokens_per_second(model: Path, batch: int, new_tokens: int, reps: int) -> tuple[float, str]:

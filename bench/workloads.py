@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from easyquant import QuantConfig, quantize_weight
-from easyquant.nn import swap_in_quantized
-from easyquant.packing import pack
-from easyquant.qweight import QuantizedWeight, csr_from_mask
-from easyquant.targets import block_linears
+from easyquant.checkpoint.targets import block_linears
+from easyquant.core.packing import pack
+from easyquant.core.qweight import QuantizedWeight, csr_from_mask
+from easyquant.runtime.nn import swap_in_quantized
 
 SHAPES = {
     "7b": [(4096, 4096), (11008, 4096), (4096, 11008)],

@@ -1,12 +1,12 @@
 """easyquant: data-free 4- and 3-bit weight quantization with sparse fp16 outliers (EasyQuant)."""
 
+from .core.grid import Grid
+from .core.objective import Objective
+from .core.outliers import sigma_mask
+from .core.quantize import QuantConfig, quantize_weight
+from .core.qweight import QuantizedWeight
+from .core.solvers import GridSearch, MaxAbs, PaperAdam, RangeSolver, Search, make_solver
 from .errors import EasyQuantError
-from .grid import Grid
-from .objective import Objective
-from .outliers import sigma_mask
-from .quantize import QuantConfig, quantize_weight
-from .qweight import QuantizedWeight
-from .solvers import GridSearch, MaxAbs, PaperAdam, RangeSolver, Search, make_solver
 
 __all__ = [
     "EasyQuantError",
@@ -25,6 +25,6 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-from .hf import register as _register
+from .integrations.hf import register as _register
 
 _register()

@@ -7,12 +7,15 @@ import sys
 import time
 from pathlib import Path
 
-from .compare import DEFAULT_METHODS, resolve
+import transformers
+
+from .checkpoint.pipeline import SUMMARY, Options, quantize_model
+from .checkpoint.source import source_note
+from .core.quantize import OUTLIER_RULES, QuantConfig
+from .core.solvers import SOLVERS
 from .errors import EasyQuantError
-from .pipeline import SUMMARY, Options, quantize_model
-from .quantize import OUTLIER_RULES, QuantConfig
-from .solvers import SOLVERS
-from .source import source_note
+from .eval.compare import DEFAULT_METHODS, resolve
+from .progress import interactive
 
 DTYPES = ("bfloat16", "float32", "float16")
 
@@ -128,9 +131,9 @@ def _add_eval_args(p: argparse.ArgumentParser, out: Path | None) -> None:
 
 
 def cmd_study(a: argparse.Namespace) -> None:
-    from . import assets, study
-    from .models import load_causal_lm
-    from .targets import block_linears
+    from .checkpoint.targets import block_linears
+    from .eval import assets, study
+    from .eval.models import load_causal_lm
 
     a.out = a.out or Path(f"runs/study-{a.question}")
     if a.question == "encoder":
@@ -166,9 +169,9 @@ def cmd_encoder(a: argparse.Namespace) -> None:
 
     from transformers import AutoModel, AutoTokenizer
 
-    from . import assets
-    from .encoder_eval import encoder_compare, encoder_markdown, sentences
-    from .evaluate import read_text, token_windows
+    from .eval import assets
+    from .eval.encoder_eval import encoder_compare, encoder_markdown, sentences
+    from .eval.evaluate import read_text, token_windows
 
     methods, bits = _methods_and_bits(a)
     folder = Path(a.model) if a.model else assets.minilm_dir()
@@ -193,10 +196,10 @@ def cmd_compare(a: argparse.Namespace) -> None:
 
     import torch
 
-    from . import assets
-    from .compare import compare, markdown, write_results
-    from .evaluate import read_text, token_windows
-    from .models import load_causal_lm
+    from .eval import assets
+    from .eval.compare import compare, markdown, write_results
+    from .eval.evaluate import read_text, token_windows
+    from .eval.models import load_causal_lm
 
     methods, bits = _methods_and_bits(a)
     model_path = Path(a.model) if a.model else assets.smollm2_gguf()
@@ -237,8 +240,8 @@ def cmd_compare(a: argparse.Namespace) -> None:
 
 
 def cmd_export_gguf(a: argparse.Namespace) -> None:
-    from .ggml_blocks import Q4_0, Q4_1, Q8_0
-    from .gguf_export import export_gguf
+    from .integrations.ggml_blocks import Q4_0, Q4_1, Q8_0
+    from .integrations.gguf_export import export_gguf
 
     kind = {"auto": None, "q4_0": Q4_0, "q4_1": Q4_1, "q8_0": Q8_0}[a.type]
     report = export_gguf(
@@ -338,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     st.set_defaults(fn=cmd_study)
 
     a = ap.parse_args(argv)
+    if not interactive():  # a log: transformers' own bars would be one long line of refreshes
+        transformers.utils.logging.disable_progress_bar()
     try:
         a.fn(a)
     except EasyQuantError as e:

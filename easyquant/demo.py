@@ -14,11 +14,11 @@ import time
 
 import torch
 
-from .assets import news_text, smollm2_gguf
-from .evaluate import generation_speed, perplexity, read_text, token_windows
-from .models import load_causal_lm
-from .pipeline import quantize_model
-from .quantize import QuantConfig
+from .checkpoint.pipeline import quantize_model
+from .core.quantize import QuantConfig
+from .eval.assets import news_text, smollm2_gguf
+from .eval.evaluate import generation_speed, perplexity, read_text, token_windows
+from .eval.models import load_causal_lm
 
 PROMPT = "The capital of Australia is"
 SPEED_TOKENS = 32

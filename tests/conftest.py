@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 import pytest
 import transformers
 
-from easyquant.qweight import QuantizedWeight
+from easyquant.core.qweight import QuantizedWeight
 
 EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23}
 
@@ -108,7 +108,7 @@ def loads_like_memory(tmp_path, config, kind: str = "llama") -> tuple[dict, obje
     from safetensors.torch import load_file
 
     from easyquant import quantize_weight
-    from easyquant.pipeline import quantize_model
+    from easyquant.checkpoint.pipeline import quantize_model
 
     src, out = tmp_path / "src", tmp_path / "out"
     model = tiny_model(kind, src)
@@ -151,7 +151,7 @@ def claim_format(out, version: int) -> None:
 def module_matches(qw, dtype: torch.dtype):
     """``qw``'s module in ``dtype`` takes its path for that dtype on the CPU (torch's int4
     kernel for bf16) and computes the dequantized weight's product; returns the module."""
-    from easyquant.nn import EasyQuantLinear
+    from easyquant.runtime.nn import EasyQuantLinear
 
     lin = EasyQuantLinear.from_quantized(qw).to(dtype)
     x = torch.randn(3, qw.shape[1], dtype=dtype)

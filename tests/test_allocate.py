@@ -13,9 +13,9 @@ from safetensors import safe_open
 
 from conftest import claim_format, heavy_tailed, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
-from easyquant.allocate import Choice, allocate, menu, plan
+from easyquant.checkpoint.pipeline import Options, quantize_model
 from easyquant.cli import main
-from easyquant.pipeline import Options, quantize_model
+from easyquant.core.allocate import Choice, allocate, menu, plan
 
 choice = st.builds(Choice, bits=st.integers(1, 40).map(float), error=st.floats(0, 10))
 layers = st.lists(st.lists(choice, min_size=1, max_size=4), min_size=1, max_size=4)
@@ -159,9 +159,9 @@ def test_target_bpw_refuses_what_it_cannot_reach(tmp_path):
 
 
 def test_target_bpw_gives_each_experts_module_one_setting(tmp_path):
-    from easyquant.nn import EasyQuantExperts
-    from easyquant.source import open_source
-    from easyquant.targets import find_targets
+    from easyquant.checkpoint.source import open_source
+    from easyquant.checkpoint.targets import find_targets
+    from easyquant.runtime.nn import EasyQuantExperts
 
     src, out = tmp_path / "moe", tmp_path / "q"
     tiny_model("mixtral", src)
@@ -191,7 +191,7 @@ def test_target_bpw_gives_each_experts_module_one_setting(tmp_path):
 
 
 def test_compare_row_under_a_bits_budget(tmp_path):
-    from easyquant.compare import compare, resolve
+    from easyquant.eval.compare import compare, resolve
 
     with pytest.raises(ValueError, match="bits must be an integer"):
         resolve("easyquant:target_bpw=4.3/bits=12")

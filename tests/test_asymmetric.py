@@ -18,11 +18,11 @@ from safetensors.torch import load_file, save_file
 import easyquant  # noqa: F401  (registers the loader)
 from conftest import claim_format, heavy_tailed, loads_like_memory, module_matches, per_weight, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
-from easyquant.grid import Grid, min_max, zero_point
-from easyquant.groups import to_groups
-from easyquant.objective import Objective
-from easyquant.pipeline import FORMAT_VERSION, quantize_model
-from easyquant.solvers import AffineSearch, _fit_scale
+from easyquant.checkpoint.pipeline import FORMAT_VERSION, quantize_model
+from easyquant.core.grid import Grid, min_max, zero_point
+from easyquant.core.groups import to_groups
+from easyquant.core.objective import Objective
+from easyquant.core.solvers import AffineSearch, _fit_scale
 
 
 @pytest.mark.filterwarnings("ignore:.*outliers")

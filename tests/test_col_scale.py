@@ -18,12 +18,12 @@ from safetensors.torch import save_file
 import easyquant  # noqa: F401  (registers the loader)
 from conftest import check, claim_format, heavy_tailed, loads_like_memory, module_matches, per_weight, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
+from easyquant.checkpoint.format import FORMAT_VERSION
 from easyquant.cli import main
-from easyquant.gguf_export import export_gguf
-from easyquant.kernel import available, dequantize, qmatmul
-from easyquant.nn import EasyQuantLinear
-from easyquant.pipeline import FORMAT_VERSION
-from easyquant.sinkhorn import column_scales
+from easyquant.core.sinkhorn import column_scales
+from easyquant.integrations.gguf_export import export_gguf
+from easyquant.runtime.kernel import available, dequantize, qmatmul
+from easyquant.runtime.nn import EasyQuantLinear
 
 
 def uneven(rows: int, cols: int, seed: int) -> torch.Tensor:

@@ -8,12 +8,12 @@ import pytest
 import torch
 import transformers
 
-import easyquant.ops  # noqa: F401  (registers torch.ops.easyquant)
+import easyquant.runtime.ops  # noqa: F401  (registers torch.ops.easyquant)
 from conftest import tiny_model
 from easyquant import QuantConfig, quantize_weight
-from easyquant.kernel import available
-from easyquant.nn import KERNEL_MAX_ROWS, EasyQuantLinear
-from easyquant.pipeline import quantize_model
+from easyquant.checkpoint.pipeline import quantize_model
+from easyquant.runtime.kernel import available
+from easyquant.runtime.nn import KERNEL_MAX_ROWS, EasyQuantLinear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch"] + (["triton"] if available(torch.zeros(1, device=DEVICE)) else [])

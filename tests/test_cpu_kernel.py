@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from conftest import check, heavy_tailed, per_weight, tiny_model
 from easyquant import QuantConfig, quantize_weight
-from easyquant import cpu_kernel as ck
-from easyquant.nn import CPU_INT4_MAX_ROWS, EasyQuantLinear
-from easyquant.pipeline import quantize_model
+from easyquant.checkpoint.pipeline import quantize_model
+from easyquant.runtime import cpu_kernel as ck
+from easyquant.runtime.nn import CPU_INT4_MAX_ROWS, EasyQuantLinear
 
 pytestmark = [
     pytest.mark.skipif(not ck.supported(), reason="this torch has no CPU int4 kernel"),

@@ -6,12 +6,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import tiny_model
-from easyquant.compare import compare, markdown, write_results
-from easyquant.evaluate import Reference, evaluate, token_windows
-from easyquant.gptq import gptq_weight
-from easyquant.peers import sinkhorn_scales, sinq_quantize
-from easyquant.pipeline import quantize_model
-from easyquant.quantize import QuantConfig, quantize_weight
+from easyquant.checkpoint.pipeline import quantize_model
+from easyquant.core.quantize import QuantConfig, quantize_weight
+from easyquant.eval.compare import compare, markdown, write_results
+from easyquant.eval.evaluate import Reference, evaluate, token_windows
+from easyquant.eval.gptq import gptq_weight
+from easyquant.eval.peers import sinkhorn_scales, sinq_quantize
 
 
 def windows(n=6, length=16, seed=0):
@@ -78,7 +78,7 @@ def test_gptq_blocks_see_the_quantized_blocks_before_them():
     import transformers
 
     from conftest import CONFIGS
-    from easyquant.gptq import gptq_model
+    from easyquant.eval.gptq import gptq_model
 
     cfg = copy.deepcopy(CONFIGS["qwen2"])
     cfg.num_hidden_layers, cfg.use_sliding_window, cfg.sliding_window = 3, True, 4
@@ -170,8 +170,8 @@ def test_source_note_names_the_gguf_format(tmp_path):
     import gguf
     import numpy as np
 
-    from easyquant.assets import smollm2_gguf
-    from easyquant.source import source_note
+    from easyquant.checkpoint.source import source_note
+    from easyquant.eval.assets import smollm2_gguf
 
     assert source_note(smollm2_gguf()) == " (weights from GGUF Q4_1: quantized once already)"
     for kind, expect in [("MOSTLY_Q4_K_M", " (weights from GGUF Q4_K_M: quantized once already)"),

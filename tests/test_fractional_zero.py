@@ -16,14 +16,14 @@ from hypothesis import strategies as st
 import easyquant  # noqa: F401  (registers the loader)
 from conftest import claim_format, heavy_tailed, loads_like_memory, module_matches, per_weight
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
-from easyquant.grid import Grid
-from easyquant.groups import to_groups
-from easyquant.kernel import available, dequantize, qmatmul
-from easyquant.nn import EasyQuantLinear
-from easyquant.objective import Objective
-from easyquant.qweight import QuantizedWeight
-from easyquant.shards import stack_rows, take_cols, take_rows
-from easyquant.solvers import AffineSearch
+from easyquant.core.grid import Grid
+from easyquant.core.groups import to_groups
+from easyquant.core.objective import Objective
+from easyquant.core.qweight import QuantizedWeight
+from easyquant.core.shards import stack_rows, take_cols, take_rows
+from easyquant.core.solvers import AffineSearch
+from easyquant.runtime.kernel import available, dequantize, qmatmul
+from easyquant.runtime.nn import EasyQuantLinear
 
 FRACTIONAL = QuantConfig(group_size=64, n_sigma=2.5, asymmetric=True, fractional_zero=True, col_scale=False)
 

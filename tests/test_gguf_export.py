@@ -20,11 +20,20 @@ from hypothesis import strategies as st
 import easyquant  # noqa: F401  (registers the transformers loader)
 from conftest import CONFIGS, tiny_model
 from easyquant import QuantConfig, quantize_weight
-from easyquant.assets import smollm2_gguf
+from easyquant.checkpoint.pipeline import Options, quantize_model
 from easyquant.errors import EasyQuantError
-from easyquant.ggml_blocks import Q4_0, Q4_1, Q8_0, best_blocks, pack_blocks, reconstruct, to_blocks, unpack_blocks
-from easyquant.gguf_export import export_gguf
-from easyquant.pipeline import Options, quantize_model
+from easyquant.eval.assets import smollm2_gguf
+from easyquant.integrations.ggml_blocks import (
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    best_blocks,
+    pack_blocks,
+    reconstruct,
+    to_blocks,
+    unpack_blocks,
+)
+from easyquant.integrations.gguf_export import export_gguf
 
 EXACT = QuantConfig(group_size=32, n_sigma=None, col_scale=False)
 PLAIN = QuantConfig(n_sigma=2.0, col_scale=False)  # GGUF holds no column scales; outliers in every layer

@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 
 from conftest import check, heavy_tailed, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
-from easyquant.kernel import KernelConfig, _packed_rows, available, dequantize, outlier_mode, qmatmul
-from easyquant.nn import KERNEL_MAX_ROWS, EasyQuantLinear
-from easyquant.packing import pack
-from easyquant.pipeline import quantize_model
-from easyquant.qweight import QuantizedWeight, csr_from_mask
+from easyquant.checkpoint.pipeline import quantize_model
+from easyquant.core.packing import pack
+from easyquant.core.qweight import QuantizedWeight, csr_from_mask
+from easyquant.runtime.kernel import KernelConfig, available, dequantize, outlier_mode, qmatmul
+from easyquant.runtime.kernel.launch import _packed_rows
+from easyquant.runtime.nn import KERNEL_MAX_ROWS, EasyQuantLinear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [

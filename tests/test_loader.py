@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 import easyquant  # noqa: F401  (registers the loader)
 from conftest import heavy_tailed, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
-from easyquant.nn import EasyQuantLinear
-from easyquant.pipeline import quantize_model
+from easyquant.checkpoint.pipeline import quantize_model
+from easyquant.runtime.nn import EasyQuantLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 import easyquant  # noqa: F401  (registers the loader)
 from conftest import CONFIGS, MOE_CONFIGS, check, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
-from easyquant.nn import EasyQuantExperts, EasyQuantLinear
-from easyquant.pipeline import Options, quantize_model
+from easyquant.checkpoint.pipeline import Options, quantize_model
+from easyquant.runtime.nn import EasyQuantExperts, EasyQuantLinear
 
 
 def dequantized_copy(model, folder_out, config: QuantConfig):
@@ -116,7 +116,7 @@ def test_linear_follows_its_parameters():
 
 
 def test_encoder_checkpoint(tmp_path):
-    from easyquant.assets import minilm_dir
+    from easyquant.eval.assets import minilm_dir
 
     out = tmp_path / "q"
     summary = quantize_model(minilm_dir(), out, QuantConfig(bits=4, group_size=64), progress=False)
@@ -190,7 +190,7 @@ def test_resume_after_interruption_gives_identical_checkpoint(tmp_path, kind, un
     quantize_model(src, tmp_path / "clean", options=options, progress=False)
     out = tmp_path / "resumed"
     code = (
-        "import sys, easyquant.pipeline as p, time\n"
+        "import sys, easyquant.checkpoint.pipeline as p, time\n"
         "orig = p.quantize_unit\n"
         "def slow(*a, **k):\n    r = orig(*a, **k); time.sleep(0.3); return r\n"
         "p.quantize_unit = slow\n"

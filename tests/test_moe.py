@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 import easyquant  # noqa: F401  (registers the loader)
 from conftest import check, tiny_model
 from easyquant import EasyQuantError, QuantConfig
-from easyquant.nn import EasyQuantLinear
-from easyquant.pipeline import Options, quantize_model
+from easyquant.checkpoint.pipeline import Options, quantize_model
+from easyquant.runtime.nn import EasyQuantLinear
 
 
 def fused_layout(model, folder):

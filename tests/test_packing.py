@@ -2,7 +2,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from easyquant.packing import pack, packed_cols, unpack
+from easyquant.core.packing import pack, packed_cols, unpack
 
 
 @st.composite

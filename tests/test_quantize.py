@@ -7,11 +7,11 @@ from hypothesis import strategies as st
 
 from conftest import heavy_tailed, per_weight
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
-from easyquant.grid import Grid
-from easyquant.groups import from_groups, to_groups
-from easyquant.outliers import sigma_mask
-from easyquant.packing import packed_cols
-from easyquant.qweight import QuantizedWeight, csr_from_mask, index_dtype, rowptr_layout
+from easyquant.core.grid import Grid
+from easyquant.core.groups import from_groups, to_groups
+from easyquant.core.outliers import sigma_mask
+from easyquant.core.packing import packed_cols
+from easyquant.core.qweight import QuantizedWeight, csr_from_mask, index_dtype, rowptr_layout
 
 
 def paper_shape(**kw: object) -> QuantConfig:
@@ -296,7 +296,7 @@ def test_col_weight_trades_error_toward_heavy_columns():
 def test_paper_settings_and_orientation(weight):
     """The paper's LLaMA setting (lr 1e-4, 500 steps) reaches the solver; orient=False keeps
     every scale positive, as the paper's grid does, and clips the rows whose peak is positive."""
-    from easyquant.solvers import PaperAdam
+    from easyquant.core.solvers import PaperAdam
 
     w = weight
     llama = paper_shape(solver="paper", lr=1e-4, steps=500, n_sigma=None)

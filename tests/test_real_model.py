@@ -5,11 +5,11 @@ import torch
 import transformers
 
 import easyquant  # noqa: F401
-from easyquant.assets import news_text, smollm2_gguf
-from easyquant.evaluate import perplexity, read_text, token_windows
-from easyquant.nn import EasyQuantLinear, tensor_names
-from easyquant.pipeline import quantize_model
-from easyquant.quantize import QuantConfig
+from easyquant.checkpoint.pipeline import quantize_model
+from easyquant.core.quantize import QuantConfig
+from easyquant.eval.assets import news_text, smollm2_gguf
+from easyquant.eval.evaluate import perplexity, read_text, token_windows
+from easyquant.runtime.nn import EasyQuantLinear, tensor_names
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import easyquant  # noqa: F401  (registers the loader)
 from conftest import tiny_model
 from easyquant import EasyQuantError, QuantConfig
-from easyquant.pipeline import RECORD, WORK_DIR, Options, quantize_model
+from easyquant.checkpoint.pipeline import RECORD, WORK_DIR, Options, quantize_model
 
 
 def tree(folder):
@@ -173,11 +173,11 @@ def test_resume_after_the_source_changed_is_refused(tmp_path):
 
 
 def test_second_run_on_the_same_output_is_refused(tmp_path):
-    from easyquant.pipeline import _locked
+    from easyquant.checkpoint.outdir import locked
 
     src, out = tmp_path / "src", tmp_path / "out"
     tiny_model("llama", src)
-    with _locked(out), pytest.raises(EasyQuantError, match="another easyquant run is writing"):
+    with locked(out), pytest.raises(EasyQuantError, match="another easyquant run is writing"):
         quantize_model(src, out, progress=False)
     quantize_model(src, out, progress=False)  # the lock went with the first holder
 

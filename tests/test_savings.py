@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from conftest import heavy_tailed, loads_like_memory, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
 from easyquant.cli import main
-from easyquant.grid import Grid
-from easyquant.quantize import _loss, _solve
-from easyquant.savings import envelope_gains, savings_mask
+from easyquant.core.grid import Grid
+from easyquant.core.quantize import _loss, _solve
+from easyquant.core.savings import envelope_gains, savings_mask
 
 
 @settings(max_examples=60, deadline=None)

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from easyquant import QuantConfig, quantize_weight
+from easyquant.core.shards import stack_rows, take_cols, take_rows
 from easyquant.errors import EasyQuantError
-from easyquant.shards import stack_rows, take_cols, take_rows
 
 
 def _weight(

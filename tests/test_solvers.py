@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from conftest import heavy_tailed
 from easyquant import Objective, PaperAdam, Search, make_solver
-from easyquant.grid import Grid, initial_scale, orient, to_fp16_grid
+from easyquant.core.grid import Grid, initial_scale, orient, to_fp16_grid
 
 
 def oriented(w):

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from conftest import heavy_tailed, tiny_model
+from easyquant.checkpoint.targets import block_linears
 from easyquant.cli import main
-from easyquant.compare import resolve
+from easyquant.core.outliers import sigma_mask
 from easyquant.errors import EasyQuantError
-from easyquant.outliers import sigma_mask
-from easyquant.study import outlier_map, outliers_report, range_trace
-from easyquant.targets import block_linears
+from easyquant.eval.compare import resolve
+from easyquant.eval.study import outlier_map, outliers_report, range_trace
 
 
 def test_outlier_map_groups_by_type_and_layer(tmp_path):
@@ -80,9 +80,9 @@ def test_study_range_cli_on_real_model(tmp_path, capsys):
 def test_encoder_compare_on_a_tiny_bert():
     import transformers
 
-    from easyquant.assets import minilm_dir, news_text
-    from easyquant.encoder_eval import encoder_compare, encoder_markdown, sentences
-    from easyquant.evaluate import read_text
+    from easyquant.eval.assets import minilm_dir, news_text
+    from easyquant.eval.encoder_eval import encoder_compare, encoder_markdown, sentences
+    from easyquant.eval.evaluate import read_text
 
     torch.manual_seed(0)
     cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)

@@ -17,8 +17,8 @@ import transformers
 import easyquant  # noqa: F401  (registers the transformers loader)
 from conftest import tiny_model
 from easyquant import QuantConfig
-from easyquant.assets import smollm2_gguf
-from easyquant.pipeline import Options, quantize_model
+from easyquant.checkpoint.pipeline import Options, quantize_model
+from easyquant.eval.assets import smollm2_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -134,4 +134,4 @@ def test_plugin_is_an_entry_point_vllm_finds() -> None:
     )
     for py in (sys.executable, str(VLLM_PY)):
         out = subprocess.run([py, "-c", probe], capture_output=True, text=True, check=True).stdout
-        assert "easyquant.vllm_plugin:register" in out
+        assert "easyquant.integrations.vllm_plugin:register" in out

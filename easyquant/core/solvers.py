@@ -1,0 +1,250 @@
+"""Range solvers: one class per strategy for choosing each row's (or group's) scale.
+
+Every solver sees oriented rows (largest-magnitude kept weight negative, see
+:func:`easyquant.core.grid.orient`), their importances ``c`` (0 = not quantized), and the max-abs
+scale ``s0``; it returns positive scales already rounded to fp16, the values that will be
+stored, so that the loss it reports is the loss the checkpoint has. Rows are independent:
+every solver is vectorised over all rows at once, on whatever device the rows are.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .grid import FP16_TINY, Grid, min_max, to_fp16_grid, zero_point
+from .objective import Objective
+
+
+@dataclass(frozen=True)
+class RangeSolver(ABC):
+    objective: Objective = field(default_factory=Objective)
+
+    @abstractmethod
+    def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """Scales ``(rows,)`` for rows ``w`` ``(rows, cols)`` with importances ``c``."""
+
+
+class MaxAbs(RangeSolver):
+    """Round-to-nearest with the max-abs range: the RTN baseline."""
+
+    def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
+        return to_fp16_grid(s0)
+
+
+class _Best:
+    """The best parameters seen so far per row (a scale, or a scale and an offset, each rounded
+    to what will be stored); a candidate replaces them only where it is strictly better."""
+
+    def __init__(self, loss: Callable[..., torch.Tensor], round_: Callable[..., tuple], *params: torch.Tensor):
+        self._loss, self._round = loss, round_
+        self.params = round_(*params)
+        self.loss = loss(*self.params)
+
+    @property
+    def s(self) -> torch.Tensor:
+        return self.params[0]
+
+    def consider(self, *params: torch.Tensor) -> torch.Tensor:
+        """Keep ``params`` where they beat the best so far; return their loss."""
+        params = self._round(*params)
+        loss = self._loss(*params)
+        better = loss < self.loss
+        self.params = tuple(torch.where(better, new, old) for new, old in zip(params, self.params, strict=True))
+        self.loss = torch.where(better, loss, self.loss)
+        return loss
+
+
+def _scale_best(w: torch.Tensor, c: torch.Tensor, grid: Grid, objective: Objective, s: torch.Tensor) -> _Best:
+    return _Best(lambda s: objective.loss(w, c, s, grid), lambda s: (to_fp16_grid(s),), s)
+
+
+@dataclass(frozen=True)
+class GridSearch(RangeSolver):
+    """GPTQ's range search (``quant.py``, ``mse=True``): shrink the max-abs range by
+    ``1 - i/steps`` for ``i < max_shrink * steps`` and keep the best. The RTN+MSE baseline."""
+
+    objective: Objective = field(default_factory=lambda: Objective(p=2.4))
+    steps: int = 100
+    max_shrink: float = 0.8
+
+    def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
+        best = _scale_best(w, c, grid, self.objective, s0)
+        for i in range(1, int(self.max_shrink * self.steps)):
+            best.consider(s0 * (1 - i / self.steps))
+        return best.s
+
+
+@dataclass(frozen=True)
+class PaperAdam(RangeSolver):
+    """The paper's recipe: Adam (``torch.optim.Adam``) on the range ``r = s * 2^(k-1)`` from
+    the max-abs start, with the exact clamped gradient, taking the range at the last step.
+
+    Defaults are the paper's BLOOM setting (lr 1e-3, 100 steps); its LLaMA setting is
+    lr 1e-4, 500 steps. Deterministic: no randomness, fixed step count.
+    """
+
+    objective: Objective = field(default_factory=Objective)
+    lr: float = 1e-3
+    steps: int = 100
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    trace: Callable[[int, torch.Tensor], None] | None = None
+
+    def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
+        k = float(-grid.qmin)
+        r = (s0 * k).clone().requires_grad_()
+        # torch's own Adam, single-tensor form (the same arithmetic on every device).
+        adam = torch.optim.Adam([r], lr=self.lr, betas=self.betas, eps=self.eps, foreach=False)
+        for t in range(1, self.steps + 1):
+            r.grad = self.objective.grad(w, c, r.detach() / k, grid) / k
+            adam.step()
+            with torch.no_grad():
+                r.clamp_(min=FP16_TINY * k)
+            if self.trace is not None:
+                self.trace(t, r.detach())
+        return to_fp16_grid(r.detach() / k)
+
+
+@dataclass(frozen=True)
+class Search(RangeSolver):
+    """easyquant's solver: a coarse scan of the whole range, a fine scan around each row's
+    best, then a few reweighted least-squares steps (exact for ``p = 2``, IRLS otherwise).
+
+    The coarse scan finds the right basin of ``L(s)``, which has many local minima that
+    trap gradient descent; the fine scan and the closed-form steps land on the basin's
+    floor. Each candidate is accepted only if it lowers the loss at its stored fp16 value,
+    so the result is never worse than the max-abs start.
+    """
+
+    objective: Objective = field(default_factory=lambda: Objective(p=3.0))
+    coarse: int = 20
+    min_shrink: float = 0.05
+    basins: int = 2
+    fine: int = 8
+    refine: int = 4
+
+    def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
+        best = _scale_best(w, c, grid, self.objective, s0)
+        _scan(best, lambda t: (s0 * t,), s0, self.coarse, self.min_shrink, self.basins, self.fine)
+        for _ in range(self.refine):
+            best.consider(_fit_scale(w, c, best.s, grid.codes(w, best.s[:, None]), self.objective.p))
+        return best.s
+
+
+def _scan(
+    best: _Best,
+    candidate: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+    like: torch.Tensor,
+    coarse: int,
+    min_shrink: float,
+    basins: int,
+    fine: int,
+) -> None:
+    """Offer ``best`` the candidates of ``coarse`` shrink factors from ``min_shrink`` to 1, then
+    ``fine`` more around each row's ``basins`` best (two near-equal basins are common at 3 bits)."""
+    shrinks = torch.linspace(min_shrink, 1, coarse, dtype=like.dtype, device=like.device)
+    losses = torch.stack([best.consider(*candidate(t)) for t in shrinks.tolist()])
+    step = (1 - min_shrink) / max(coarse - 1, 1)
+    centres = shrinks[losses.topk(min(basins, coarse), dim=0, largest=False).indices]
+    offsets = torch.linspace(-step, step, fine + 2)[1:-1].tolist()
+    for centre in centres:
+        for u in offsets:
+            best.consider(*candidate(centre + u))
+
+
+def _fit_scale(w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, q: torch.Tensor, p: float) -> torch.Tensor:
+    """With the codes' levels ``q`` (the multiples of the scale) held fixed, the scale minimising
+    the squared error, reweighted by ``|e|^(p-2)`` at the current scale ``s`` (IRLS) for ``p != 2``."""
+    if p != 2:
+        e = (s[:, None] * q).sub_(w).abs_().clamp_min_(1e-12 * s[:, None])
+        c = (e if p == 3 else e.pow_(p - 2)).mul_(c)
+    num, den = (c * w).mul_(q).sum(dim=1), (c * q).mul_(q).sum(dim=1)
+    return torch.where(den > 0, num / den.clamp_min(1e-30), s).clamp_min(FP16_TINY)
+
+
+@dataclass(frozen=True)
+class AffineSearch:
+    """Scale and integer zero point per row for the asymmetric grid (``w = s * (u - z)``, ``u`` in
+    ``[0, 2^k - 1]``): a scan of ranges shrunk about the kept weights' midpoint (each with the
+    zero point nearest its low end), a finer scan around the best basins, then steps that
+    re-round the codes and solve the (reweighted) least-squares scale exactly, each also trying
+    the zero point one up and one down, which moves the range off centre. ``coarse=0`` is the
+    min-max baseline. Like :class:`Search`, every candidate is judged at its stored values
+    (fp16 scale, zero point in steps of ``2^-zero_shift``) and kept only if it lowers the loss.
+    ``zero_shift > 0`` then frees the zero point from the integers: rounds that try every
+    fractional shift of up to half a code (in ``fraction_steps`` steps), then refit the scale to
+    the shifted levels, so the result is never worse than the integer one.
+    """
+
+    objective: Objective = field(default_factory=lambda: Objective(p=3.0))
+    coarse: int = 20
+    min_shrink: float = 0.3
+    basins: int = 2
+    fine: int = 6
+    refine: int = 4
+    zero_shift: int = 0
+    fraction_rounds: int = 2
+    fraction_steps: int = 16
+
+    def solve(self, w: torch.Tensor, c: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scales, zero points)``, each ``(rows,)`` (zero points as floats in steps of ``2^-zero_shift``)."""
+        s0, z0 = min_max(w, c > 0, grid)
+        unit = 2.0**self.zero_shift
+        best = _Best(
+            lambda s, z: self.objective.affine_loss(w, c, s, z, grid),
+            lambda s, z: (to_fp16_grid(s), (z * unit).round_().clamp_(0, grid.top * unit).div_(unit)),
+            s0,
+            z0,
+        )
+        if self.coarse == 0:
+            return best.params
+        zero = torch.zeros((), dtype=w.dtype, device=w.device)
+        lo = torch.where(c > 0, w, zero).amin(dim=1).clamp_max(0)
+        mid = lo + s0 * grid.top / 2
+
+        def shrunk(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            s = to_fp16_grid(s0 * t)
+            return s, zero_point(mid - s * grid.top / 2, s, grid)
+
+        _scan(best, shrunk, s0, self.coarse, self.min_shrink, self.basins, self.fine)
+        for _ in range(self.refine):
+            s, z = best.params
+            for dz in (-1, 1):
+                best.consider(s, z + dz)
+            s, z = best.params
+            q = grid.affine_codes(w, s[:, None], z[:, None]) - z[:, None]
+            best.consider(_fit_scale(w, c, s, q, self.objective.p), z)
+        if self.zero_shift:
+            steps = min(self.fraction_steps, 1 << self.zero_shift)
+            shifts = [(i - steps / 2) / steps for i in range(steps + 1) if i != steps // 2]
+            for _ in range(self.fraction_rounds):
+                s, z = best.params
+                for d in shifts:
+                    best.consider(s, z + d)
+                s, z = best.params
+                q = grid.affine_codes(w, s[:, None], z[:, None]) - z[:, None]
+                best.consider(_fit_scale(w, c, s, q, self.objective.p), z)
+        return best.params
+
+
+SOLVERS: dict[str, type[RangeSolver]] = {
+    "rtn": MaxAbs,
+    "mse": GridSearch,
+    "paper": PaperAdam,
+    "search": Search,
+}
+
+
+def make_solver(name: str, p: float | None = None, **options: object) -> RangeSolver:
+    """A solver by name, with its default objective unless ``p`` is given."""
+    try:
+        cls = SOLVERS[name]
+    except KeyError:
+        raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}") from None
+    if p is not None:
+        options["objective"] = Objective(p=p)
+    return cls(**options)
