@@ -5,13 +5,13 @@ from hypothesis import strategies as st
 
 from conftest import heavy_tailed
 from easyquant import Objective, PaperAdam, Search, make_solver
-from easyquant.core.grid import Grid, initial_scale, orient, to_fp16_grid
+from easyquant.core.grid import Grid, oriented, to_fp16_grid
 
 
-def oriented(w):
-    keep = torch.ones_like(w, dtype=torch.bool)
-    sign = orient(w, keep)
-    return w * sign[:, None], keep
+def start(w, grid):
+    """Rows turned as every solver takes them, and their max-abs scales."""
+    wo, _, s0 = oriented(w, torch.ones_like(w, dtype=torch.bool), grid)
+    return wo, s0
 
 
 def dense_reference(w, c, s0, grid, objective, points=4000):
@@ -25,11 +25,10 @@ def dense_reference(w, c, s0, grid, objective, points=4000):
 @settings(max_examples=40, deadline=None)
 @given(p=st.sampled_from([2.0, 2.4, 3.0, 4.0]), bits=st.integers(2, 6), seed=st.integers(0, 2**16))
 def test_gradient_matches_finite_differences(p, bits, seed):
-    w = heavy_tailed(6, 50, seed=seed).double()
-    w, _ = oriented(w)
-    c = torch.rand(w.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     grid, obj = Grid(bits), Objective(p=p)
-    s = initial_scale(w, torch.ones_like(w, dtype=torch.bool), grid) * 0.83
+    w, s = start(heavy_tailed(6, 50, seed=seed).double(), grid)
+    s = s * 0.83
+    c = torch.rand(w.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     h = s * 1e-7
     # Only where no code changes inside [s-h, s+h] is L differentiable; check those rows.
     same = (grid.codes(w, (s - h)[:, None]) == grid.codes(w, (s + h)[:, None])).all(dim=1)
@@ -55,10 +54,9 @@ def test_against_max_abs_on_its_objective(solver, p, bits):
     """rtn is the max-abs scale itself; mse and search never do worse on any row (they accept
     only improvements) and at low bits find better ones; Adam, which can step past a row's best,
     still lowers the total."""
-    w, keep = oriented(heavy_tailed(64, 128, seed=bits))
-    c = torch.ones_like(w)
     grid, obj = Grid(bits), Objective(p=p)
-    s0 = initial_scale(w, keep, grid)
+    w, s0 = start(heavy_tailed(64, 128, seed=bits), grid)
+    c = torch.ones_like(w)
     s = make_solver(solver, p=p).solve(w, c, s0, grid)
     ours, max_abs = obj.loss(w, c, s, grid), obj.loss(w, c, to_fp16_grid(s0), grid)
     if solver == "rtn":
@@ -74,10 +72,9 @@ def test_against_max_abs_on_its_objective(solver, p, bits):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("cols", [64, 576, 4096])
 def test_search_is_near_the_dense_reference(p, bits, cols):
-    w, keep = oriented(heavy_tailed(48, cols, seed=cols + bits))
-    c = torch.ones_like(w)
     grid, obj = Grid(bits), Objective(p=p)
-    s0 = initial_scale(w, keep, grid)
+    w, s0 = start(heavy_tailed(48, cols, seed=cols + bits), grid)
+    c = torch.ones_like(w)
     ours = obj.loss(w, c, Search(objective=obj).solve(w, c, s0, grid), grid)
     ref = dense_reference(w, c, s0, grid, obj)
     gap = (ours - ref) / ref
@@ -86,10 +83,9 @@ def test_search_is_near_the_dense_reference(p, bits, cols):
 
 
 def test_search_beats_paper_adam_on_squared_error():
-    w, keep = oriented(heavy_tailed(256, 512, seed=11))
-    c = torch.ones_like(w)
     grid, obj = Grid(4), Objective(p=2)
-    s0 = initial_scale(w, keep, grid)
+    w, s0 = start(heavy_tailed(256, 512, seed=11), grid)
+    c = torch.ones_like(w)
     ours = obj.loss(w, c, Search(objective=obj).solve(w, c, s0, grid), grid).sum()
     paper = obj.loss(w, c, PaperAdam().solve(w, c, s0, grid), grid).sum()
     rtn = obj.loss(w, c, to_fp16_grid(s0), grid).sum()
@@ -97,9 +93,8 @@ def test_search_beats_paper_adam_on_squared_error():
 
 
 def test_paper_adam_moves_the_range_by_about_lr_per_step():
-    w, keep = oriented(heavy_tailed(8, 256, seed=2))
     grid = Grid(4)
-    s0 = initial_scale(w, keep, grid)
+    w, s0 = start(heavy_tailed(8, 256, seed=2), grid)
     ranges = []
     PaperAdam(lr=1e-3, steps=5, trace=lambda t, r: ranges.append(r.clone())).solve(w, torch.ones_like(w), s0, grid)
     assert len(ranges) == 5
@@ -112,10 +107,10 @@ def test_paper_adam_is_torch_adam_through_autograd(bits):
     """The paper's recipe written out with torch itself: the range r as a leaf, the loss through
     s * clamp(round(w / s)) with s = r / 2^(k-1), autograd, torch.optim.Adam. After 100 steps the
     solver's ranges are bit-identical."""
-    w, keep = oriented(heavy_tailed(32, 128, seed=3))
-    c, grid = torch.ones_like(w), Grid(bits)
+    grid = Grid(bits)
+    w, s0 = start(heavy_tailed(32, 128, seed=3), grid)
+    c = torch.ones_like(w)
     k = float(-grid.qmin)
-    s0 = initial_scale(w, keep, grid)
     traced = []
     PaperAdam(lr=1e-3, steps=100, trace=lambda t, r: traced.append(r.clone())).solve(w, c, s0, grid)
 
@@ -129,6 +124,24 @@ def test_paper_adam_is_torch_adam_through_autograd(bits):
         adam.step()
     assert len(traced) == 100 and torch.equal(traced[-1], r.detach())
     assert not torch.equal(traced[-1], s0 * k), "the ranges moved"
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.integers(2, 6), solver=st.sampled_from(["rtn", "mse", "search"]))
+def test_signed_scales_put_each_rows_peak_on_the_longer_side(seed, bits, solver):
+    """``solve_signed`` takes rows as they are: each row's largest weight gets a negative code
+    (the grid's longer side), negating a row negates its scale, and the loss is the one the
+    solver reached on the turned rows."""
+    grid, w = Grid(bits), heavy_tailed(8, 64, seed=seed)
+    c = torch.ones_like(w)
+    s = make_solver(solver).solve_signed(w, c, grid)
+    torch.testing.assert_close(make_solver(solver).solve_signed(-w, c, grid), -s, rtol=0, atol=0)
+    wo, s0 = start(w, grid)
+    assert torch.equal(s.abs(), make_solver(solver).solve(wo, c, s0, grid))
+    peak = w.gather(1, w.abs().argmax(1, keepdim=True))
+    assert bool((grid.codes(peak, s[:, None]) < 0).all())
+    obj = make_solver(solver).objective
+    torch.testing.assert_close(obj.loss(w, c, s, grid), obj.loss(wo, c, s.abs(), grid))
 
 
 def test_unknown_solver():

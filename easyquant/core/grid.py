@@ -109,6 +109,16 @@ def initial_scale(w: torch.Tensor, keep: torch.Tensor, grid: Grid) -> torch.Tens
     return torch.where(s > 0, s, torch.ones_like(s)).clamp_min(FP16_TINY)
 
 
+def oriented(
+    w: torch.Tensor, keep: torch.Tensor, grid: Grid, turn: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every range solver starts from: rows ``w`` turned by :func:`orient` (``turn``; else
+    as they are), the signs that turned them, and their max-abs scales (:func:`initial_scale`)."""
+    sign = orient(w, keep) if turn else torch.ones(w.shape[0], dtype=w.dtype, device=w.device)
+    wo = w * sign[:, None]
+    return wo, sign, initial_scale(wo, keep, grid)
+
+
 def to_fp16_grid(s: torch.Tensor) -> torch.Tensor:
     """Round positive scales to the fp16 values they will be stored as (never to zero)."""
     return s.clamp(FP16_TINY, FP16_MAX).half().float().clamp_min(FP16_TINY)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import EasyQuantError
-from .grid import FP16_MAX, Grid, initial_scale, orient, zero_shift
+from .grid import FP16_MAX, Grid, zero_shift
 from .groups import from_groups, to_groups
 from .objective import Objective
 from .outliers import Scope, sigma_mask
@@ -292,20 +292,11 @@ def _solve_symmetric(
     wg: torch.Tensor, cg: torch.Tensor, config: QuantConfig, grid: Grid, step: int
 ) -> tuple[torch.Tensor, torch.Tensor, None]:
     """Unsigned codes ``q - qmin`` and signed fp16 scales of grouped rows."""
-    keep = cg > 0
-    sign = orient(wg, keep) if config.orient else torch.ones(wg.shape[0], dtype=wg.dtype, device=wg.device)
-    wg = wg * sign[:, None]
     solver = config.make_solver()
     s = torch.cat(
-        [
-            solver.solve(
-                wg[i : i + step], cg[i : i + step], initial_scale(wg[i : i + step], keep[i : i + step], grid), grid
-            )
-            for i in _chunks(wg.shape[0], step)
-        ]
+        [solver.solve_signed(wg[i : i + step], cg[i : i + step], grid, config.orient) for i in _chunks(len(wg), step)]
     )
-    codes = grid.codes(wg, s[:, None]) - grid.qmin
-    return codes, (s * sign).to(torch.float16), None
+    return grid.codes(wg, s[:, None]) - grid.qmin, s.to(torch.float16), None
 
 
 def _solve_affine(

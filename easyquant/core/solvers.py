@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .grid import FP16_TINY, Grid, min_max, to_fp16_grid, zero_point
+from .grid import FP16_TINY, Grid, min_max, oriented, to_fp16_grid, zero_point
 from .objective import Objective
 
 
@@ -26,6 +26,12 @@ class RangeSolver(ABC):
     @abstractmethod
     def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
         """Scales ``(rows,)`` for rows ``w`` ``(rows, cols)`` with importances ``c``."""
+
+    def solve_signed(self, w: torch.Tensor, c: torch.Tensor, grid: Grid, turn: bool = True) -> torch.Tensor:
+        """Scales ``(rows,)``, sign included, for rows ``w`` as they are: turned so that each row's
+        largest kept weight lands on the grid's longer side (``turn``), started at max-abs, solved."""
+        wo, sign, s0 = oriented(w, c > 0, grid, turn)
+        return self.solve(wo, c, s0, grid) * sign
 
 
 class MaxAbs(RangeSolver):

@@ -18,17 +18,14 @@ import torch
 from torch import nn
 from transformers import Cache
 
-from ..core.grid import Grid, initial_scale, orient
+from ..core.grid import Grid
 from ..core.solvers import GridSearch
 from ..progress import progress_bar
 
 
 def signed_scales(w: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Per-row scales of ``w`` by GPTQ's MSE range search, sign included (easyquant's grid)."""
-    keep = torch.ones_like(w, dtype=torch.bool)
-    sign = orient(w, keep)
-    wo = w * sign[:, None]
-    return GridSearch().solve(wo, keep.float(), initial_scale(wo, keep, grid), grid) * sign
+    return GridSearch().solve_signed(w, torch.ones_like(w), grid)
 
 
 def gptq_weight(

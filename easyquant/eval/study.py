@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.grid import Grid, initial_scale, orient, to_fp16_grid
+from ..core.grid import Grid, oriented, to_fp16_grid
 from ..core.objective import Objective
 from ..core.outliers import sigma_mask
 from ..core.solvers import PaperAdam, Search
@@ -118,9 +118,8 @@ def range_trace(w: torch.Tensor, bits: int, lr: float, steps: int, p: float = 2.
     the ``search`` solver and a 2000-point dense scan of each row's range."""
     grid, obj = Grid(bits), Objective(p)
     keep = torch.ones_like(w, dtype=torch.bool)
-    wo = w.float() * orient(w.float(), keep)[:, None]
+    wo, _, s0 = oriented(w.float(), keep, grid)
     c = keep.float()
-    s0 = initial_scale(wo, keep, grid)
     k = -grid.qmin
     ranges, losses = [], []
 
