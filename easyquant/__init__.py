@@ -1,5 +1,7 @@
 """easyquant: data-free 4- and 3-bit weight quantization with sparse fp16 outliers (EasyQuant)."""
 
+from .checkpoint.format import Options
+from .checkpoint.pipeline import quantize_model
 from .core.grid import Grid
 from .core.objective import Objective
 from .core.outliers import sigma_mask
@@ -14,12 +16,14 @@ __all__ = [
     "GridSearch",
     "MaxAbs",
     "Objective",
+    "Options",
     "PaperAdam",
     "QuantConfig",
     "QuantizedWeight",
     "RangeSolver",
     "Search",
     "make_solver",
+    "quantize_model",
     "quantize_weight",
     "sigma_mask",
 ]

@@ -113,3 +113,4 @@ def default_config(m: int, n: int, k: int, sms: int, outliers: str = "fused", gr
     if block_m == 1:  # 64 codes per thread
         warps = max(1, block_n * block_k // 2048)
         return KernelConfig(1, block_n, block_k, 32, split, num_warps=warps, outliers=outliers)
+    return KernelConfig(block_m, block_n, block_k, 16, split, outliers=outliers)
