@@ -12,6 +12,9 @@ import transformers
 
 from easyquant.core.qweight import QuantizedWeight
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, not two that contend
+    torch.set_num_threads(1)
+
 EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23}
 
 
@@ -49,6 +52,24 @@ def heavy_tailed(rows: int, cols: int, seed: int = 0, df: float = 4.0, scale: fl
     normal = torch.randn(rows, cols, generator=g, dtype=torch.float64)
     chi2 = torch.randn(rows, cols, int(df), generator=g, dtype=torch.float64).square().sum(-1)
     return (normal / (chi2 / df).sqrt() * scale).float()
+
+
+@pytest.fixture(scope="session")
+def smollm2_default(tmp_path_factory) -> tuple[object, object]:
+    """SmolLM2-135M (the offline GGUF) quantized once with the default settings, for every test and
+    every xdist worker that needs it: the folder and the run's summary. The first worker to come
+    quantizes under a file lock; the others find the finished checkpoint, which ``quantize_model``
+    recognises as complete and returns the recorded summary of."""
+    from filelock import FileLock
+
+    from easyquant import QuantConfig, quantize_model
+    from easyquant.eval.assets import smollm2_gguf
+
+    shared = tmp_path_factory.getbasetemp().parent  # one folder above every worker's own
+    out = shared / "smollm2-default"
+    with FileLock(str(shared / "smollm2-default.lock")):
+        summary = quantize_model(smollm2_gguf(), out, QuantConfig(), workers=2, progress=False)
+    return out, summary
 
 
 @pytest.fixture

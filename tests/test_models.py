@@ -190,11 +190,12 @@ def test_resume_after_interruption_gives_identical_checkpoint(tmp_path, kind, un
     quantize_model(src, tmp_path / "clean", options=options, progress=False)
     out = tmp_path / "resumed"
     code = (
-        "import sys, easyquant.checkpoint.pipeline as p, time\n"
-        "orig = p.quantize_unit\n"
+        "import sys, easyquant, easyquant.checkpoint.workers as w, time\n"
+        "orig = w.quantize_unit\n"
         "def slow(*a, **k):\n    r = orig(*a, **k); time.sleep(0.3); return r\n"
-        "p.quantize_unit = slow\n"
-        f"p.quantize_model({str(src)!r}, {str(out)!r}, options=p.Options(target_bpw={target_bpw}), progress=False)\n"
+        "w.quantize_unit = slow\n"
+        f"easyquant.quantize_model({str(src)!r}, {str(out)!r}, options=easyquant.Options(target_bpw={target_bpw}), "
+        "progress=False)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code])
     layers = out / ".easyquant-work" / "layers"

@@ -5,18 +5,15 @@ import torch
 import transformers
 
 import easyquant  # noqa: F401
-from easyquant.checkpoint.pipeline import quantize_model
-from easyquant.core.quantize import QuantConfig
 from easyquant.eval.assets import news_text, smollm2_gguf
 from easyquant.eval.evaluate import perplexity, read_text, token_windows
 from easyquant.runtime.nn import EasyQuantLinear, tensor_names
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_end_to_end(tmp_path):
+def test_smollm2_gguf_end_to_end(smollm2_default):
     gguf = smollm2_gguf()
-    out = tmp_path / "q"
-    summary = quantize_model(gguf, out, QuantConfig(bits=4, group_size=64), workers=2, progress=False)
+    out, summary = smollm2_default  # the defaults: 4 bits, groups of 64 (two workers)
     assert len(summary.layers) == 30 * 7
     assert 4.2 < summary.bits_per_weight < 4.7
     # The size on disk, from the tensors written: each quantized module's tensors hold

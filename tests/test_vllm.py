@@ -1,7 +1,8 @@
 """vLLM serves easyquant checkpoints through the plugin (entry point ``vllm.general_plugins``):
 the checkpoint's ``quant_method`` selects it with no flag, and greedy decoding gives the same
 tokens as transformers on the same checkpoint. vLLM (its CPU build) runs in ``.venv-vllm``
-(scripts/setup.sh), one process per model, through tests/vllm_generate.py."""
+(scripts/setup.sh): one vLLM process serves every checkpoint of this module, one engine
+after another, through tests/vllm_generate.py."""
 
 from __future__ import annotations
 
@@ -18,28 +19,31 @@ import easyquant  # noqa: F401  (registers the transformers loader)
 from conftest import tiny_model
 from easyquant import QuantConfig
 from easyquant.checkpoint.pipeline import Options, quantize_model
-from easyquant.eval.assets import smollm2_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
-pytestmark = pytest.mark.skipif(
-    not VLLM_PY.exists(), reason="no .venv-vllm: scripts/setup.sh makes it (EASYQUANT_VLLM=0 skips it)"
-)
+pytestmark = [
+    pytest.mark.skipif(not VLLM_PY.exists(), reason="no .venv-vllm (scripts/setup.sh; EASYQUANT_VLLM=0 skips it)"),
+    pytest.mark.xdist_group("vllm"),  # one worker runs the module, so its one vLLM process serves every test
+]
 PROMPTS = [[1, 17, 42, 99, 5, 7], [3, 250, 11]]
+SMOLLM2_PROMPTS = [[504, 3458, 282, 4649, 314], [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 28]]
+MARK = "vllm_generate: "
 # vLLM's CPU attention wants head_dim 64 or more: two heads of 64.
 SIZES = {"vocab_size": 256, "hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
          "intermediate_size": 256, "num_hidden_layers": 2, "max_position_embeddings": 512}  # fmt: skip
 
 
-def vllm_generate(model: Path, prompts: list[list[int]], max_tokens: int, tp: int = 1) -> dict:
-    run = subprocess.run(
-        [str(VLLM_PY), str(ROOT / "tests" / "vllm_generate.py"), str(model), "--prompt-ids", json.dumps(prompts),
-         "--max-tokens", str(max_tokens), "--tp", str(tp)],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+def vllm_serve(jobs: list[dict], folder: Path) -> tuple[list[dict], str]:
+    """Run every job in one vLLM process (tests/vllm_generate.py: vLLM imported once); each
+    job's result, and the process's stderr."""
+    (folder / "jobs.json").write_text(json.dumps(jobs))
+    run = subprocess.run([str(VLLM_PY), str(ROOT / "tests" / "vllm_generate.py"), str(folder / "jobs.json")],
+                         capture_output=True, text=True, timeout=1800)  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
-    line = next(x for x in run.stdout.splitlines() if x.startswith("vllm_generate: "))
-    return json.loads(line.removeprefix("vllm_generate: "))
+    results = [json.loads(x.removeprefix(MARK)) for x in run.stdout.splitlines() if x.startswith(MARK)]
+    assert [r["job"] for r in results] == list(range(len(jobs))), run.stderr[-4000:]
+    return results, run.stderr
 
 
 @torch.inference_mode()
@@ -59,6 +63,7 @@ def hf_generate(model: Path, prompts: list[list[int]], max_tokens: int) -> dict:
 
 
 def assert_same(got: dict, want: dict) -> None:
+    assert "error" not in got, got.get("error")
     assert got["quant"] == "easyquant"
     assert got["tokens"] == want["tokens"]
     for a, b in zip(got["prompt_logprobs"], want["prompt_logprobs"], strict=True):
@@ -74,56 +79,63 @@ def _tiny(kind: str, folder: Path) -> None:
     model.save_pretrained(folder)
 
 
-@pytest.mark.parametrize(
-    "kind, config, tp, options",
-    [
-        ("llama", QuantConfig(), 1, Options()),
-        ("llama", QuantConfig(), 2, Options()),
-        ("qwen2", QuantConfig(bits=3, group_size=32, outlier_scope="row"), 2, Options()),
-        ("llama", QuantConfig(group_size=32, asymmetric=True), 2, Options()),
-        ("llama", QuantConfig(group_size=32, col_scale=True), 2, Options()),
-        ("qwen2", QuantConfig(group_size=32, n_sigma=3.0), 2, Options(target_bpw=4.5)),
-    ],
-    ids=[
-        "llama-default",
-        "llama-default-tp2",
-        "qwen2-3bit-g32-bias-tp2",
-        "llama-asymmetric-g32-tp2",
-        "llama-col-scale-g32-tp2",
-        "qwen2-target-bpw-tp2",
-    ],
-)
-def test_vllm_matches_transformers_on_tiny_models(tmp_path, kind, config, tp, options) -> None:
+CASES = {
+    "llama-default": ("llama", QuantConfig(), 1, Options()),
+    "llama-default-tp2": ("llama", QuantConfig(), 2, Options()),
+    "qwen2-3bit-g32-bias-tp2": ("qwen2", QuantConfig(bits=3, group_size=32, outlier_scope="row"), 2, Options()),
+    "llama-asymmetric-g32-tp2": ("llama", QuantConfig(group_size=32, asymmetric=True), 2, Options()),
+    "llama-col-scale-g32-tp2": ("llama", QuantConfig(group_size=32, col_scale=True), 2, Options()),
+    "qwen2-target-bpw-tp2": ("qwen2", QuantConfig(group_size=32, n_sigma=3.0), 2, Options(target_bpw=4.5)),
+}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, smollm2_default) -> dict:
+    """Every checkpoint of this module served by one vLLM process, one engine after another:
+    the tiny models of ``CASES``, the real SmolLM2, and last a mixture of experts that the plugin
+    must refuse. Per case: its summary, vLLM's result and transformers' greedy tokens; and the
+    process's stderr."""
+    folder = tmp_path_factory.mktemp("vllm")
+    cases, jobs = {}, []
+    for name, (kind, config, tp, options) in CASES.items():
+        _tiny(kind, folder / name / "src")
+        summary = quantize_model(folder / name / "src", folder / name / "q", config, options, progress=False)
+        cases[name] = {"summary": summary, "want": hf_generate(folder / name / "q", PROMPTS, 12)}
+        jobs.append({"model": str(folder / name / "q"), "prompt_ids": PROMPTS, "max_tokens": 12, "tp": tp})
+    smollm2, _ = smollm2_default
+    cases["smollm2"] = {"want": hf_generate(smollm2, SMOLLM2_PROMPTS, 16)}
+    jobs.append({"model": str(smollm2), "prompt_ids": SMOLLM2_PROMPTS, "max_tokens": 16})
+    tiny_model("mixtral", folder / "moe" / "src")
+    quantize_model(folder / "moe" / "src", folder / "moe" / "q", progress=False)
+    jobs.append({"model": str(folder / "moe" / "q"), "prompt_ids": [[1, 2]], "max_tokens": 1})
+    results, stderr = vllm_serve(jobs, folder)
+    for case, result in zip([*cases.values(), {}], results, strict=True):
+        case["got"] = result
+    return {"cases": cases, "moe": results[-1], "stderr": stderr}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_vllm_matches_transformers_on_tiny_models(served, name) -> None:
     """tp=2: vLLM's own tensor parallelism (two CPU workers): q/k/v and gate/up cut by rows, o and
     down by columns, the one KV head replicated on both ranks. Dual-axis q/k/v and gate/up, each
     with column scales of its own, run as separate shards of the fused layer; so do shards with
     bits or groups of their own (--target-bpw)."""
-    _tiny(kind, tmp_path / "src")
-    summary = quantize_model(tmp_path / "src", tmp_path / "q", config, options, progress=False)
+    case, options = served["cases"][name], CASES[name][3]
     if options.target_bpw:
-        assert len({(r["bits"], r["group_size"]) for r in summary.layers}) > 1
-    assert summary.outlier_fraction > 0  # the fused layers carry outliers through the plugin
-    want = hf_generate(tmp_path / "q", PROMPTS, 12)
-    assert_same(vllm_generate(tmp_path / "q", PROMPTS, 12, tp), want)
+        assert len({(r["bits"], r["group_size"]) for r in case["summary"].layers}) > 1
+    assert case["summary"].outlier_fraction > 0  # the fused layers carry outliers through the plugin
+    assert_same(case["got"], case["want"])
 
 
 @pytest.mark.slow
-def test_vllm_matches_transformers_on_smollm2(tmp_path) -> None:
+def test_vllm_matches_transformers_on_smollm2(served) -> None:
     """The real model (SmolLM2-135M, from a GGUF Q4_1: quantized once already), default settings."""
-    quantize_model(smollm2_gguf(), tmp_path / "q", progress=False)
-    prompts = [[504, 3458, 282, 4649, 314], [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 28]]
-    assert_same(vllm_generate(tmp_path / "q", prompts, 16), hf_generate(tmp_path / "q", prompts, 16))
+    assert_same(served["cases"]["smollm2"]["got"], served["cases"]["smollm2"]["want"])
 
 
-def test_quantized_experts_are_refused_by_name(tmp_path) -> None:
-    tiny_model("mixtral", tmp_path / "src")
-    quantize_model(tmp_path / "src", tmp_path / "q", progress=False)
-    run = subprocess.run(
-        [str(VLLM_PY), str(ROOT / "tests" / "vllm_generate.py"), str(tmp_path / "q"), "--prompt-ids", "[[1, 2]]"],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert run.returncode != 0
-    assert "model.layers.0.mlp.experts: the vLLM plugin does not serve quantized mixture-of-experts" in run.stderr
+def test_quantized_experts_are_refused_by_name(served) -> None:
+    assert "error" in served["moe"]
+    assert "model.layers.0.mlp.experts: the vLLM plugin does not serve quantized mixture-of-experts" in served["stderr"]
 
 
 def test_plugin_is_an_entry_point_vllm_finds() -> None:

@@ -281,7 +281,7 @@ def _checkpoint(ckpt: Path):
     if qconfig.col_scale:
         raise EasyQuantError(
             f"{ckpt}: dual-axis weights (col_scale) have a scale per input column, which GGUF's blocks cannot hold; "
-            "quantize without --col-scale to export"
+            "quantize with --no-col-scale to export"
         )
     cfg = AutoConfig.from_pretrained(ckpt)
     with torch.device("meta"):
