@@ -21,7 +21,6 @@ from easyquant import EasyQuantError, QuantConfig, quantize_weight
 from easyquant.checkpoint.format import FORMAT_VERSION
 from easyquant.cli import main
 from easyquant.core.sinkhorn import column_scales
-from easyquant.integrations.gguf_export import export_gguf
 from easyquant.runtime.kernel import available, dequantize, qmatmul
 from easyquant.runtime.nn import EasyQuantLinear
 
@@ -183,11 +182,8 @@ def test_checkpoint_loads_with_the_in_memory_logits(tmp_path):
         transformers.AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_cli_flag_and_gguf_export_refuses(tmp_path):
+def test_cli_flag(tmp_path):
     tiny_model("llama", tmp_path / "src")
     main(["quantize", str(tmp_path / "src"), str(tmp_path / "q"), "--col-scale", "--group-size", "32"])
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["col_scale"] is True and qc["group_size"] == 32
-    with pytest.raises(EasyQuantError, match="which GGUF's blocks cannot hold.*with --no-col-scale to export"):
-        export_gguf(tmp_path / "q", tmp_path / "m.gguf")
-    assert not (tmp_path / "m.gguf").exists()

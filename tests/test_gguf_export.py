@@ -167,6 +167,24 @@ def test_asymmetric_checkpoint_exports_as_q4_1(tmp_path, tokenizer_dir, fraction
     assert (got - want).abs().mean() < 3e-4
 
 
+def test_the_default_checkpoint_exports_with_every_block_solved_again(tmp_path, tokenizer_dir) -> None:
+    """The default (dual-axis: a scale per input column, outliers) exports: GGUF has no column
+    scales, so every block is solved again from the checkpoint's weights, each matrix within its
+    4-bit rounding of the checkpoint's; the file loads with logits about as near the source
+    model's as the checkpoint's own."""
+    ckpt = _tiny_checkpoint("llama", tmp_path, tokenizer_dir, QuantConfig(group_size=32))
+    assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["col_scale"] is True
+    report = export_gguf(ckpt, tmp_path / "m.gguf", dense="f32", progress=False)
+    assert report.requantized == report.blocks > 0 and set(report.quantized.values()) == {"Q4_0"}
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    w = model.model.layers[0].mlp.down_proj.quantized_weight().dequantize(torch.float32)
+    (t,) = [t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors if t.name == "blk.0.ffn_down.weight"]
+    exported = reconstruct(np.asarray(t.data), Q4_0, tuple(w.shape))
+    assert ((exported - w).norm() / w.norm()).item() < 0.1
+    source = _logits(tmp_path / "src")
+    assert (_logits(tmp_path, gguf_file="m.gguf") - source).norm() < 2 * (_logits(ckpt) - source).norm()
+
+
 def test_target_bpw_checkpoint_exports_each_module_at_its_bits(tmp_path, tokenizer_dir) -> None:
     """Modules with bits of their own (--target-bpw): 3 and 4 bits as Q4_0, 5 as Q8_0, groups of 64
     as pairs of 32-weight blocks; every code carries over."""

@@ -154,8 +154,9 @@ def to_blocks(qw: QuantizedWeight, kind: BlockType | None = None) -> Blocks:
     def per_block(t: torch.Tensor) -> torch.Tensor:
         return t.repeat_interleave(qw.group_size // BLOCK, dim=1)[:, :nb].clone()
 
-    # Codes carry over where the grids agree and each block lies inside one scale group.
-    exact = qw.asymmetric == kind.affine and qw.group_size % BLOCK == 0
+    # Codes carry over where the grids agree and each block lies inside one scale group; a scale per
+    # input column (dual-axis weights) has no place in a block: every block is solved again.
+    exact = qw.asymmetric == kind.affine and qw.group_size % BLOCK == 0 and qw.col_scales is None
     redo = torch.full((rows, nb), not exact)
     d = per_block(qw.scales) if exact else torch.zeros(rows, nb, dtype=torch.float16)
     m = None

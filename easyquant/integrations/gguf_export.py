@@ -278,11 +278,6 @@ def _checkpoint(ckpt: Path):
     qconfig = EasyQuantConfig(**{k: v for k, v in qcfg.items() if k != "quant_method"})
     if any(isinstance(m["outliers"], dict) for m in qconfig.modules.values()):
         raise EasyQuantError(f"{ckpt}: mixture-of-experts checkpoints cannot be exported to GGUF yet")
-    if qconfig.col_scale:
-        raise EasyQuantError(
-            f"{ckpt}: dual-axis weights (col_scale) have a scale per input column, which GGUF's blocks cannot hold; "
-            "quantize with --no-col-scale to export"
-        )
     cfg = AutoConfig.from_pretrained(ckpt)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
@@ -305,13 +300,15 @@ def plan_tensors(ckpt: Path, dense: str, kind: BlockType | None, report: ExportR
     stored = {k if k in order else prefix + k: k for k in source.tensors}  # checkpoints may omit the prefix
 
     def blocks(module: str, name: str, bk: BlockType) -> np.ndarray:
-        t = [source.tensors[f"{quantized[module]}.{n}"].load() for n in tensor_names(qconfig.asymmetric)]
+        names = tensor_names(qconfig.asymmetric, qconfig.col_scale)
+        t = [source.tensors[f"{quantized[module]}.{n}"].load() for n in names]
         m = modules[module]
         shape = (m.out_features, m.in_features)
         bits, group_size = qconfig.module_settings(quantized[module])
         qw = QuantizedWeight(
-            *t[:5], bits, group_size or shape[1], shape, torch.float16, *t[5:], zero_shift=qconfig.zero_shift(bits)
-        )
+            *t[:5], bits, group_size or shape[1], shape, torch.float16, **dict(zip(names[5:], t[5:], strict=True)),
+            zero_shift=qconfig.zero_shift(bits),
+        )  # fmt: skip
         qw.check(quantized[module])
         b = to_blocks(qw, bk)
         report.blocks += b.blocks
