@@ -6,7 +6,13 @@ weights per second. Matrices: nn.Linear weights of SmolLM2-135M-Instruct (real w
 stored as GGUF Q4_1, i.e. 4-bit quantized once already) and 7B-shaped Student-t matrices.
 
     python bench/core.py [--quick] [--device cpu|cuda] [--sets smollm2,minilm,synthetic] [--no-hqq]
-                         [--repeat 3] [--json bench/results/core.json]
+                         [--methods all|speed] [--repeat 3] [--json bench/results/core.json]
+
+``--methods speed`` is the speed table of the issue that asks for a default faster than every
+data-free peer: the default, the previous default, ``--target-bpw`` (each matrix's setting chosen
+from the menu, then quantized), HQQ g64/g128, SINQ g64/g128 and RTN, with each method's weights
+per second as a ratio to HQQ g64's and SINQ g64's in the same run; its synthetic matrices are
+the heavy-tailed 7B shapes 4096x4096, 4096x2048 and 2048x4096.
 
 Times are each matrix's fastest of ``--repeat`` runs, summed: the machine's noise mostly slows.
 """
@@ -24,8 +30,9 @@ from pathlib import Path
 import torch
 
 from easyquant import QuantConfig, quantize_weight
+from easyquant.core.allocate import plan
 from easyquant.eval.compare import PER_CHANNEL
-from easyquant.eval.peers import hqq_quantize
+from easyquant.eval.peers import hqq_quantize, sinq_quantize
 
 Method = Callable[[torch.Tensor], tuple[torch.Tensor, float, float]]
 
@@ -41,12 +48,43 @@ def ours(per_channel: bool = True, **kw) -> Method:
     return run
 
 
-def hqq(bits: int, group: int) -> Method:
+def budget(target: float, **kw) -> Method:
+    """``--target-bpw``: the matrix's setting chosen from the menu around the defaults (every
+    setting quantized and scored, as the pipeline does), then the matrix quantized with it. The
+    row is for time: a budget over one matrix is a one-layer knapsack, greedy on that layer's
+    hull, so its bits need not come near the target as they do over a model's layers."""
+
     def run(w: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-        d, bpw = hqq_quantize(w, bits, group)
+        (chosen,) = plan([("w", lambda: w)], QuantConfig(**kw), target, progress=False).values()
+        q = quantize_weight(w, chosen)
+        return q.dequantize(), q.bits_per_weight, q.outlier_fraction
+
+    return run
+
+
+def peer(quantize: Callable, bits: int, group: int) -> Method:
+    def run(w: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        d, bpw = quantize(w, bits, group)
         return d, bpw, 0.0
 
     return run
+
+
+def hqq(bits: int, group: int) -> Method:
+    return peer(hqq_quantize, bits, group)
+
+
+def speed_methods(bits: int) -> dict[str, Method]:
+    return {
+        "easyquant default (g64, n=4, column scales)": ours(False, bits=bits),
+        "previous default (per channel, n=3)": ours(bits=bits),
+        "--target-bpw 4.25": budget(4.25 + bits - 4, bits=bits),
+        "hqq g64": hqq(bits, 64),
+        "hqq g128": hqq(bits, 128),
+        "sinq g64": peer(sinq_quantize, bits, 64),
+        "sinq g128": peer(sinq_quantize, bits, 128),
+        "rtn": ours(bits=bits, solver="rtn", n_sigma=None),
+    }
 
 
 def methods(bits: int) -> dict[str, Method]:
@@ -101,6 +139,13 @@ def synthetic(shapes: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
     return out
 
 
+SYNTHETIC = {
+    "quick": [(1024, 1024)],
+    "all": [(4096, 4096), (11008, 4096)],
+    "speed": [(4096, 4096), (4096, 2048), (2048, 4096)],
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="two real layers and one small synthetic matrix")
@@ -109,6 +154,7 @@ def main() -> None:
     ap.add_argument("--sets", default="smollm2,minilm,synthetic",
                     help="matrix sets (synthetic alone needs no data packages, e.g. on the GPU machine)")  # fmt: skip
     ap.add_argument("--no-hqq", action="store_true", help="leave out HQQ (where the hqq package is missing)")
+    ap.add_argument("--methods", choices=["all", "speed"], default="all", help="the method list (see above)")
     ap.add_argument("--repeat", type=int, default=3, help="time each matrix this many times, keep the fastest")
     ap.add_argument("--json", type=Path, default=Path("bench/results/core.json"))
     args = ap.parse_args()
@@ -117,7 +163,7 @@ def main() -> None:
     loaders = {
         "smollm2": lambda: smollm2_linears([0] if args.quick else [0, 10, 20, 29]),
         "minilm": minilm_linears,
-        "synthetic": lambda: synthetic([(1024, 1024)] if args.quick else [(4096, 4096), (11008, 4096)]),
+        "synthetic": lambda: synthetic(SYNTHETIC["quick" if args.quick else args.methods]),
     }
     mats = {k: v for name in sets for k, v in loaders[name]().items()}
     labels = {"smollm2": "SmolLM2 layers 0,10,20,29 (Q4_1 source)", "minilm": "all-MiniLM-L6-v2 (fp32 source)"}
@@ -129,7 +175,7 @@ def main() -> None:
     rows = []
     for group_name, ws in groups.items():
         total = sum(w.numel() for w in ws.values())
-        for method, fn in methods(args.bits).items():
+        for method, fn in (speed_methods if args.methods == "speed" else methods)(args.bits).items():
             if args.no_hqq and method.startswith("hqq"):
                 continue
             if args.device == "cuda":
@@ -184,12 +230,20 @@ def main() -> None:
         meta["gpu"] = torch.cuda.get_device_name()
     print()
     print(f"{meta['date']}, {meta['machine']}, {meta['threads']} threads, device {args.device}, {args.bits}-bit")
-    print("| matrices | method | bits/weight | rel. error | outliers | time (s) | Mweights/s |")
-    print("|---|---|---|---|---|---|---|")
+    # Speed as a ratio to the peers measured in the same run, on the same matrices.
     for r in rows:
+        for peer_name in ("hqq g64", "sinq g64"):
+            ref = next((x for x in rows if x["matrices"] == r["matrices"] and x["method"] == peer_name), None)
+            r[f"speed_vs_{peer_name.replace(' ', '_')}"] = ref and r["weights_per_second"] / ref["weights_per_second"]
+    print(
+        "| matrices | method | bits/weight | rel. error | outliers | time (s) | Mweights/s | x HQQ g64 | x SINQ g64 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratios = " | ".join("-" if r[k] is None else f"{r[k]:.2f}" for k in ("speed_vs_hqq_g64", "speed_vs_sinq_g64"))
         print(
             f"| {r['matrices']} | {r['method']} | {r['bits_per_weight']:.3f} | {r['rel_error']:.5f} | "
-            f"{r['outlier_fraction']:.3%} | {r['seconds']:.2f} | {r['weights_per_second'] / 1e6:.2f} |"
+            f"{r['outlier_fraction']:.3%} | {r['seconds']:.2f} | {r['weights_per_second'] / 1e6:.2f} | {ratios} |"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
