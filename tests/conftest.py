@@ -54,6 +54,32 @@ def heavy_tailed(rows: int, cols: int, seed: int = 0, df: float = 4.0, scale: fl
     return (normal / (chi2 / df).sqrt() * scale).float()
 
 
+# Files by their time in one process, longest first (docs/development.md, "CI time"). CI runs two
+# xdist workers with --dist loadfile (a file's tests on one worker, so a module's fixtures, such
+# as the one vLLM process of test_vllm.py, are made once), which hands out files in this order:
+# the long ones start at once and overlap the many short ones instead of ending the run alone.
+LONGEST_FILES = (
+    "test_vllm.py",
+    "test_gguf_export.py",
+    "test_bench.py",
+    "test_safety.py",
+    "test_models.py",
+    "test_kernel.py",
+    "test_real_model.py",
+    "test_allocate.py",
+    "test_quantize.py",
+    "test_loader.py",
+    "test_study.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        return next((i for i, name in enumerate(LONGEST_FILES) if item.path.name == name), len(LONGEST_FILES))
+
+    items.sort(key=rank)  # stable: the order within each file, and of the other files, is kept
+
+
 @pytest.fixture(scope="session")
 def smollm2_default(tmp_path_factory) -> tuple[object, object]:
     """SmolLM2-135M (the offline GGUF) quantized once with the default settings, for every test and

@@ -22,10 +22,9 @@ from easyquant.checkpoint.pipeline import Options, quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
-pytestmark = [
-    pytest.mark.skipif(not VLLM_PY.exists(), reason="no .venv-vllm (scripts/setup.sh; EASYQUANT_VLLM=0 skips it)"),
-    pytest.mark.xdist_group("vllm"),  # one worker runs the module, so its one vLLM process serves every test
-]
+pytestmark = pytest.mark.skipif(
+    not VLLM_PY.exists(), reason="no .venv-vllm: scripts/setup.sh makes it (EASYQUANT_VLLM=0 skips it)"
+)
 PROMPTS = [[1, 17, 42, 99, 5, 7], [3, 250, 11]]
 SMOLLM2_PROMPTS = [[504, 3458, 282, 4649, 314], [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 28]]
 MARK = "vllm_generate: "
