@@ -3,12 +3,7 @@ they fall on, for weights whose outliers crowd into some rows."""
 
 from __future__ import annotations
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU path in nn.py needs none of this
-    triton = None
-
+from .backend import tl, triton
 
 if triton is not None:
 

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU path in nn.py needs none of this
-    triton = None
+from .backend import tl, triton
 
 if triton is not None:
     from .tiles import group_scales, unpack_tile

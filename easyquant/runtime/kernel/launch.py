@@ -41,16 +41,11 @@ import torch
 
 from ...core.qweight import QuantizedWeight
 from ...errors import EasyQuantError
+from .backend import tl, triton
 from .balanced import outlier_kernel
 from .configs import ACTIVATION_DTYPES, KernelConfig, cdiv, default_config, fit_block_k, multiprocessors
 from .dequant import dequantize_kernel
 from .matmul import qmatmul_kernel
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU path in nn.py needs none of this
-    triton = None
 
 # Whether the kernels above run in Triton's CPU interpreter: triton.jit decided when it ran, at
 # import (TRITON_INTERPRET=1 then). A constant, so that torch.compile traces what reads it.

@@ -3,12 +3,7 @@ loading the per-group scales (or zero points) of a tile."""
 
 from __future__ import annotations
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU path in nn.py needs none of this
-    triton = None
-
+from .backend import tl, triton
 
 if triton is not None:
 
