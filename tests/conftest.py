@@ -56,7 +56,8 @@ def heavy_tailed(rows: int, cols: int, seed: int = 0, df: float = 4.0, scale: fl
 
 # Files by their time in one process, longest first (docs/development.md, "CI time"). CI runs two
 # xdist workers with --dist loadfile (a file's tests on one worker, so a module's fixtures, such
-# as the one vLLM process of test_vllm.py, are made once), which hands out files in this order:
+# as the one vLLM process of test_vllm.py, are made once) and --no-loadscope-reorder (files in
+# this order, not by their count of tests):
 # the long ones start at once and overlap the many short ones instead of ending the run alone.
 LONGEST_FILES = (
     "test_vllm.py",
