@@ -1,4 +1,4 @@
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from conftest import heavy_tailed, per_weight
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
+from easyquant.core import groups
 from easyquant.core.grid import Grid
 from easyquant.core.groups import from_groups, to_groups
 from easyquant.core.outliers import sigma_mask
@@ -84,6 +85,40 @@ def test_sigma_rule_by_hand():
     assert sigma_mask(two, 3.0, "row").tolist() == [[False] * 9 + [True]] * 2
     # Per tensor, the first row's ten sits near the mean of both rows: not an outlier.
     assert sigma_mask(two, 3.0).tolist() == [[False] * 10, [False] * 9 + [True]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(2, 40),
+    n_sigma=st.floats(0.25, 4),
+    scope=st.sampled_from(["tensor", "row"]),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+)
+def test_sigma_rule_is_the_fp64_definition(rows, cols, n_sigma, scope, seed, dtype):
+    """The blocked fp32 test against bounds is the rule as written, in fp64 on the whole matrix,
+    row blocks of a few rows included."""
+    w = (heavy_tailed(rows, cols, seed=seed) + (seed % 5 - 2) * 0.01).to(dtype)
+    x = w.double()
+    dims = {} if scope == "tensor" else {"dim": 1, "keepdim": True}
+    mean, std = x.mean(**dims), x.std(correction=0, **dims)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(groups.BLOCK_ELEMENTS, "cpu", 64)
+        assert torch.equal(sigma_mask(w, n_sigma, scope), ((x - mean).abs() >= n_sigma * std) & (std > 0))
+
+
+def test_row_blocks_change_nothing(monkeypatch):
+    """A matrix quantized in row blocks of a few rows is the matrix quantized whole."""
+    w = heavy_tailed(50, 96, seed=4)
+    for config in (paper_shape(), QuantConfig(bits=3, col_scale=False, outlier_rule="savings", asymmetric=True)):
+        whole = quantize_weight(w, config)
+        monkeypatch.setitem(groups.BLOCK_ELEMENTS, "cpu", 7 * 96)
+        blocked = quantize_weight(w, config)
+        monkeypatch.undo()
+        for f in fields(whole):
+            a, b = getattr(whole, f.name), getattr(blocked, f.name)
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, f.name
 
 
 def test_sigma_rule_std_zero_guard():

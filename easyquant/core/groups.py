@@ -13,6 +13,16 @@ import math
 
 import torch
 
+# Work on a matrix goes in blocks of about this many weights: on a CPU a block's temporaries stay
+# in cache across the many passes over it and no temporary is the size of the matrix (whole
+# 16M-weight matrices were 1.6x slower, blocks of 2^16-2^18 weights slower again from the cost of
+# each torch call: bench/core.py on the development machine); a GPU is filled only by large ones.
+BLOCK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
+
+
+def block_elements(device: torch.device) -> int:
+    return BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS["cpu"])
+
 
 def group_count(cols: int, group_size: int) -> int:
     return math.ceil(cols / group_size)

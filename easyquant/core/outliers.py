@@ -6,9 +6,13 @@ uses each output row's own mean and std, which adapts to rows of very different 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
+
+from .groups import block_elements
 
 Scope = Literal["tensor", "row"]
 
@@ -21,12 +25,29 @@ def sigma_mask(w: torch.Tensor, n_sigma: float, scope: Scope = "tensor") -> torc
     """
     if n_sigma <= 0:
         raise ValueError(f"n_sigma must be positive, got {n_sigma}")
-    if scope == "tensor":
-        x = w.double()
-        mean, std = x.mean(), x.std(correction=0)
-    elif scope == "row":
-        x = w.double()
-        mean, std = x.mean(dim=1, keepdim=True), x.std(dim=1, correction=0, keepdim=True)
-    else:
+    if scope not in ("tensor", "row"):
         raise ValueError(f"outlier scope must be 'tensor' or 'row', got {scope!r}")
-    return ((x - mean).abs() >= n_sigma * std) & (std > 0)
+    # Mean and std in fp64, summed over blocks of rows (no fp64 copy of the whole matrix), then
+    # the test as two bounds per row: ``x >= hi or x <= lo`` against the fp32 values nearest
+    # inside them, which for fp32 weights is ``|x - mean| >= n * std``.
+    x = w.float()
+    rows, cols = x.shape
+    per_row, step = scope == "row", max(1, block_elements(x.device) // cols)
+    count = cols if per_row else x.numel()
+
+    def total(f: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Sums of ``f(first row, block in fp64)``, per row or over the whole matrix."""
+        sums = torch.cat([f(r, x[r : r + step].double()).sum(dim=1) for r in range(0, rows, step)])
+        return sums[:, None] if per_row else sums.sum()
+
+    mean = total(lambda r, b: b) / count
+    std = (total(lambda r, b: (b - (mean[r : r + step] if per_row else mean)).square()) / count).sqrt()
+    return ((x >= _inward(mean + n_sigma * std, up=True)) | (x <= _inward(mean - n_sigma * std, up=False))) & (std > 0)
+
+
+def _inward(bound: torch.Tensor, up: bool) -> torch.Tensor:
+    """The fp32 value ``f`` with ``x >= bound <=> x >= f`` (``up``) or ``x <= bound <=> x <= f``
+    for every fp32 ``x``: the bound rounded towards the side it admits."""
+    f = bound.float()
+    off = (f.double() < bound) if up else (f.double() > bound)
+    return torch.where(off, torch.nextafter(f, torch.full_like(f, math.inf if up else -math.inf)), f)

@@ -22,9 +22,13 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``(rows, cols)`` unsigned codes in ``[0, 2^bits)`` into uint8."""
     rows, cols = codes.shape
     blocks = math.ceil(cols / 8)
+    if 8 % bits == 0:  # whole codes per byte, lowest bits first: byte-wide shifts and ors
+        x = torch.nn.functional.pad(codes.to(torch.uint8), (0, blocks * 8 - cols)).view(rows, -1, 8 // bits)
+        out = x[..., 0].clone()
+        for i in range(1, 8 // bits):
+            out |= x[..., i] << (bits * i)
+        return out
     x = torch.nn.functional.pad(codes.to(torch.int64), (0, blocks * 8 - cols)).view(rows, blocks, 8)
-    if bits == 8:  # a byte per code; the shifts below would overflow int64
-        return x.to(torch.uint8).reshape(rows, blocks * 8)
     shifts = torch.arange(8, device=codes.device) * bits
     stream = (x << shifts).sum(dim=2, keepdim=True)
     out = (stream >> (torch.arange(bits, device=codes.device) * 8)) & 0xFF

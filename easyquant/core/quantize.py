@@ -10,22 +10,19 @@ import torch
 
 from ..errors import EasyQuantError
 from .grid import FP16_MAX, Grid, zero_shift
-from .groups import from_groups, to_groups
+from .groups import block_elements, from_groups, to_groups
 from .objective import Objective
 from .outliers import Scope, sigma_mask
 from .packing import pack
 from .qweight import QuantizedWeight, csr_from_mask
 from .savings import savings_mask
+from .shards import stack_rows
 from .sinkhorn import column_scales
 from .solvers import SOLVERS, AffineSearch, RangeSolver, make_solver
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Above this share of outliers the sparse part is no longer sparse: it costs more than it saves.
 WARN_OUTLIER_FRACTION = 0.05
-# Rows are solved in chunks of about this many weights: small enough on CPU for a chunk to stay
-# in cache across a solver's many passes (4x faster than whole 16M-weight matrices on 2 cores),
-# large enough on a GPU to fill it.
-CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
 AFFINE_SOLVERS = ("search", "rtn")
 OUTLIER_RULES = ("sigma", "savings")
 # A group offers at most this many weights to the savings rule (each one more solve of the matrix).
@@ -142,14 +139,15 @@ def validate_weight(w: torch.Tensor, name: str) -> None:
         raise EasyQuantError(f"{name}: expected a 2-D weight (out_features, in_features), got shape {tuple(w.shape)}")
     if w.numel() == 0:
         raise EasyQuantError(f"{name}: weight is empty (shape {tuple(w.shape)})")
+    lo, hi = (v.item() for v in w.aminmax())  # one pass; NaN propagates into both
+    if -FP16_MAX <= lo and hi <= FP16_MAX:
+        return
     bad = (~torch.isfinite(w)).sum().item()
     if bad:
         raise EasyQuantError(f"{name}: weight holds {bad} NaN or Inf values; refusing to quantize it")
-    if w.abs().max().item() > FP16_MAX:
-        raise EasyQuantError(
-            f"{name}: weights exceed the fp16 range (|w| > {FP16_MAX:g}); "
-            "its scales and outliers cannot be stored in fp16"
-        )
+    raise EasyQuantError(
+        f"{name}: weights exceed the fp16 range (|w| > {FP16_MAX:g}); its scales and outliers cannot be stored in fp16"
+    )
 
 
 def outlier_mask(w: torch.Tensor, config: QuantConfig, name: str) -> torch.Tensor:
@@ -203,19 +201,41 @@ def quantize_weight(
     if config.col_scale:  # solve on the column-normalised x / t, column j weighted by t_j^(col_power * p)
         t = column_scales(x, ~mask, gs)
         importance = importance * t.pow(config.col_power * config.objective_p)
-        x = x / t
-    step = CHUNK_ELEMENTS.get(w.device.type, 1 << 20) // gs
-    wg = to_groups(x, gs)
-    solved = _solve(wg, to_groups((~mask).float() * importance, gs), config, grid, step)
+    step = block_elements(w.device)
     if config.outlier_rule == "savings" and bool(mask.any()):
-        mask, solved = _by_savings(x, wg, importance, mask, solved, config, grid, step)
-    codes, scales, zeros = solved
+        mask = _by_savings(x if t is None else x / t, importance, mask, config, grid, gs, step // gs)
+    # Row blocks of about ``step`` weights, each quantized whole and then stacked: the solver's
+    # many passes over a block stay in cache, and no temporary is the size of the matrix.
+    block = max(1, step // cols)
+    parts = [
+        _quantize_rows(x[r : r + block], mask[r : r + block], importance, t, config, grid, gs, w.dtype)
+        for r in range(0, rows, block)
+    ]
+    return parts[0] if len(parts) == 1 else stack_rows(parts)
+
+
+def _quantize_rows(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    importance: torch.Tensor,
+    t: torch.Tensor | None,
+    config: QuantConfig,
+    grid: Grid,
+    gs: int,
+    dtype: torch.dtype,
+) -> QuantizedWeight:
+    """Rows ``x`` (fp32) of a ``dtype`` weight with their outliers ``mask``, the columns'
+    importances and scales ``t``."""
+    rows, cols = x.shape
+    wg = to_groups(x if t is None else x / t, gs)
+    cg = to_groups(torch.where(mask, 0.0, importance), gs)
+    codes, scales, zeros = _solve(wg, cg, config, grid, len(wg))
     codes, scales = from_groups(codes, rows, cols), scales.reshape(rows, -1)
     zeros = None if zeros is None else zeros.reshape(rows, -1)
     # Outliers hold the code nearest 0 (qmin's distance from 0, or the zero point rounded), so the
     # dense part adds nothing there, or under a fractional zero point the little that an
     # outlier's stored value (the weight less that little) makes up.
-    values = w.float()
+    values = x
     if zeros is None:
         zero_code = -grid.qmin
     else:
@@ -235,7 +255,7 @@ def quantize_weight(
         bits=config.bits,
         group_size=gs,
         shape=(rows, cols),
-        dtype=w.dtype,
+        dtype=dtype,
         zeros=zeros,
         col_scales=None if t is None else t.half(),
         zero_shift=config.zero_shift,
@@ -247,29 +267,27 @@ Solved = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # codes, scales
 
 def _by_savings(
     x: torch.Tensor,
-    wg: torch.Tensor,
     importance: torch.Tensor,
     mask: torch.Tensor,
-    solved: Solved,
     config: QuantConfig,
     grid: Grid,
+    gs: int,
     step: int,
-) -> tuple[torch.Tensor, Solved]:
-    """The sigma rule's count of outliers (``mask``, solved as ``solved``) spent where it saves
-    most (:mod:`easyquant.core.savings`), kept only where that lowers the objective: the choice is
-    greedy on estimates, so it is checked against the sigma rule's. ``wg``: ``x`` in groups."""
-    gs = wg.shape[1]
+) -> torch.Tensor:
+    """The sigma rule's count of outliers (``mask``) spent where it saves most
+    (:mod:`easyquant.core.savings`), kept only where that lowers the objective: the choice is
+    greedy on estimates, so it is checked against the sigma rule's. ``x``: the weight as solved
+    (column-normalised where there are column scales)."""
+    wg = to_groups(x, gs)
 
-    def loss(wg: torch.Tensor, cg: torch.Tensor, solved: Solved | None = None) -> torch.Tensor:
-        return _loss(wg, cg, solved or _solve(wg, cg, config, grid, step), config, grid)
+    def loss(wg: torch.Tensor, cg: torch.Tensor) -> torch.Tensor:
+        return _loss(wg, cg, _solve(wg, cg, config, grid, step), config, grid)
 
     budget = mask.sum() if config.outlier_scope == "tensor" else mask.sum(dim=1)
     depth = min(int(to_groups(mask, gs, fill=False).sum(dim=1).max()) + 1, MAX_SAVINGS_DEPTH)
     alt = savings_mask(x, importance.expand_as(x), budget, gs, depth, loss)
     cg, alt_cg = (to_groups((~m).float() * importance, gs) for m in (mask, alt))
-    alt_solved = _solve(wg, alt_cg, config, grid, step)
-    better = loss(wg, alt_cg, alt_solved).sum() < loss(wg, cg, solved).sum()
-    return (alt, alt_solved) if better else (mask, solved)
+    return alt if loss(wg, alt_cg).sum() < loss(wg, cg).sum() else mask
 
 
 def _solve(wg: torch.Tensor, cg: torch.Tensor, config: QuantConfig, grid: Grid, step: int) -> Solved:

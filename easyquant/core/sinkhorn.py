@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .grid import to_fp16_grid
+from .groups import block_elements
 
 
 def _push(std: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -92,14 +93,16 @@ def column_scales(w: torch.Tensor, keep: torch.Tensor, group_size: int) -> torch
 
 
 def column_tiles(x: torch.Tensor, group_size: int) -> list[tuple[slice, torch.Tensor]]:
-    """``(rows, cols)`` cut into tiles of ``group_size`` columns: the whole tiles as one batch
-    ``(tiles, rows, group_size)``, and a shorter last one where the size does not divide the row;
-    each with the columns it covers."""
+    """``(rows, cols)`` cut into tiles of ``group_size`` columns, in contiguous batches
+    ``(tiles, rows, width)`` of at most about ``elements`` weights (at least one tile), with a
+    shorter last tile on its own where the size does not divide the row; each batch with the
+    columns it covers. Tiles are independent (a batch's size changes at most the rounding of the
+    matrix products); batches that fit in cache (:func:`~easyquant.core.groups.block_elements`) make Sinkhorn's repeated passes over
+    them several times faster on a CPU."""
     rows, cols = x.shape
+    elements = block_elements(x.device)
     full = cols // group_size * group_size
-    spans = [(slice(0, full), group_size), (slice(full, cols), cols - full)]
-    return [
-        (span, x[:, span].reshape(rows, -1, width).transpose(0, 1))
-        for span, width in spans
-        if width and span.stop > span.start
-    ]
+    per_batch = max(1, elements // (rows * group_size)) * group_size
+    spans = [(slice(a, min(a + per_batch, full)), group_size) for a in range(0, full, per_batch)]
+    spans += [(slice(full, cols), cols - full)] if full < cols else []
+    return [(span, x[:, span].reshape(rows, -1, width).transpose(0, 1).contiguous()) for span, width in spans]
