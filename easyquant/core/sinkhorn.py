@@ -97,8 +97,8 @@ def column_tiles(x: torch.Tensor, group_size: int) -> list[tuple[slice, torch.Te
     ``(tiles, rows, width)`` of at most about ``elements`` weights (at least one tile), with a
     shorter last tile on its own where the size does not divide the row; each batch with the
     columns it covers. Tiles are independent (a batch's size changes at most the rounding of the
-    matrix products); batches that fit in cache (:func:`~easyquant.core.groups.block_elements`) make Sinkhorn's repeated passes over
-    them several times faster on a CPU."""
+    matrix products); batches that fit in cache (:func:`~easyquant.core.groups.block_elements`)
+    make Sinkhorn's repeated passes over them faster on a CPU."""
     rows, cols = x.shape
     elements = block_elements(x.device)
     full = cols // group_size * group_size
