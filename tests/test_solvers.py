@@ -78,8 +78,10 @@ def test_search_is_near_the_dense_reference(p, bits, cols):
     ours = obj.loss(w, c, Search(objective=obj).solve(w, c, s0, grid), grid)
     ref = dense_reference(w, c, s0, grid, obj)
     gap = (ours - ref) / ref
-    assert gap.max() < 0.005, f"worst row {gap.max():.4f} above the dense reference"
-    assert gap.mean() < 0.0005
+    # 23 candidates against 4000 (the scan was 40 candidates, within 0.5% and 0.05%, until
+    # 2026-12-07: 1.6x slower for no better model KL on SmolLM2 and MiniLM, RESULTS.md)
+    assert gap.max() < 0.02, f"worst row {gap.max():.4f} above the dense reference"
+    assert gap.mean() < 0.0025
 
 
 def test_search_beats_paper_adam_on_squared_error():
