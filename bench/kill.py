@@ -1,8 +1,9 @@
 """Kill test: ``easyquant quantize`` killed with SIGKILL at random points, then resumed.
 
 A tiny Llama (random weights, 4 layers) is quantized once without interruption. Then, for
-each point, a real ``easyquant quantize`` process (the CLI's ``main``, one or two workers)
-is started on a fresh output folder and killed with ``kill -9`` after a random delay,
+each point, a real ``easyquant quantize`` process (the CLI's ``main``, one or two workers,
+forked from a parent that made the imports once) is started on a fresh output folder and
+killed with ``kill -9`` after a random delay,
 stratified over the uninterrupted run's duration (point i of n falls in the i-th n-th of it),
 so that every phase is hit: startup, quantizing, writing shards, finishing. At each point:
 
@@ -18,8 +19,10 @@ so that every phase is hit: startup, quantizing, writing shards, finishing. At e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import random
 import shutil
 import signal
@@ -33,10 +36,28 @@ import transformers
 from workloads import quiet_transformers, save_random_llama, trial_args, trial_meta
 
 ROOT = Path(__file__).resolve().parents[1]
-CHILD = (
-    "import sys\nimport easyquant.cli\nprint('ready', flush=True)\n"
-    "sys.exit(easyquant.cli.main(['quantize', *sys.argv[1:]]))\n"
-)
+# One process imports easyquant once, then forks a fresh ``easyquant quantize`` per run (its
+# stdout and stderr to a file, not the pipe): each run is a real process of its own, in the state
+# a new CLI process reaches after its imports, without paying for them ten times over. Per line
+# of JSON arguments it prints the run's pid, then, once it has ended (or been killed), its exit code.
+ZYGOTE = """
+import json, os, sys
+import easyquant.cli
+print('ready', flush=True)
+for line in sys.stdin:
+    args, log = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        code = easyquant.cli.main(['quantize', *args])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    print(pid, flush=True)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
 
 
 def tree(folder: Path) -> dict[str, str]:
@@ -45,23 +66,38 @@ def tree(folder: Path) -> dict[str, str]:
     }
 
 
-def start(src: Path, out: Path, workers: int) -> subprocess.Popen:
-    args = [str(src), str(out), "--group-size", "32", "--workers", str(workers)]
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, cwd=ROOT)  # fmt: skip
-    assert proc.stdout.readline().strip() == "ready"
-    return proc
+class Runner:
+    """The forking parent (``ZYGOTE``): ``start`` a quantize run, ``wait`` for its exit code."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, cwd=ROOT)  # fmt: skip
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def start(self, src: Path, out: Path, workers: int) -> int:
+        args = [str(src), str(out), "--group-size", "32", "--workers", str(workers)]
+        self.proc.stdin.write(json.dumps([args, str(self.log)]) + "\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    def wait(self) -> int:
+        return int(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
-def timed_run(src: Path, out: Path, workers: int) -> float:
-    """Seconds from the end of the imports until the checkpoint is complete (config.json written)
+def timed_run(runner: Runner, src: Path, out: Path, workers: int) -> float:
+    """Seconds from the start of a run until the checkpoint is complete (config.json written)
     plus a tenth, so that some points fall while the process is on its way out."""
-    proc = start(src, out, workers)
+    runner.start(src, out, workers)
     t0 = time.perf_counter()
-    while proc.poll() is None and not (out / "config.json").exists():
+    while not (out / "config.json").exists():
         time.sleep(0.005)
     done = time.perf_counter() - t0
-    assert proc.wait() == 0, f"the uninterrupted run failed ({out})"
+    assert runner.wait() == 0, f"the uninterrupted run failed ({out}): {runner.log.read_text()[-300:]}"
     return 1.1 * done
 
 
@@ -83,7 +119,8 @@ def run(points: int, seed: int) -> dict:
         tmp = Path(tmp)
         save_random_llama(tmp / "src", vocab_size=128, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                           max_position_embeddings=64)  # fmt: skip
-        durations = {w: timed_run(tmp / "src", tmp / f"clean-{w}", w) for w in (1, 2)}
+        runner = Runner(tmp / "run.log")
+        durations = {w: timed_run(runner, tmp / "src", tmp / f"clean-{w}", w) for w in (1, 2)}
         clean = tree(tmp / "clean-1")
         checkpoint = {k: v for k, v in clean.items() if not k.startswith(".")}  # without the run record
         assert tree(tmp / "clean-2") == clean, "worker count changed the checkpoint"
@@ -91,25 +128,26 @@ def run(points: int, seed: int) -> dict:
             workers = 1 + i % 2
             out = tmp / "out"
             shutil.rmtree(out, ignore_errors=True)
-            proc = start(tmp / "src", out, workers)
+            pid = runner.start(tmp / "src", out, workers)
             delay = (i + rng.random()) / points * durations[workers]
             time.sleep(delay)
-            proc.send_signal(signal.SIGKILL)
-            finished_first = proc.wait() == 0
+            with contextlib.suppress(ProcessLookupError):  # it may have finished (and been reaped) first
+                os.kill(pid, signal.SIGKILL)
+            finished_first = runner.wait() == 0
             left = tree(out) if out.exists() else {}
             looks_complete = out.exists() and loads_as_complete(out)
             complete = {k: v for k, v in left.items() if not k.startswith(".")} == checkpoint
-            resumed = subprocess.run([sys.executable, "-c", CHILD, str(tmp / "src"), str(out), "--group-size", "32",
-                                      "--workers", str(workers)], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
-            identical = resumed.returncode == 0 and tree(out) == clean
+            runner.start(tmp / "src", out, workers)
+            identical = runner.wait() == 0 and tree(out) == clean
             units = sum(k.startswith(".easyquant-work/layers/") for k in left)
             rows.append({"point": i, "workers": workers, "delay_s": round(delay, 3),
                          "share_of_run": round(delay / durations[workers], 3), "finished_before_kill": finished_first,
                          "files_left": len(left), "units_done": units,
                          "loads": looks_complete, "loads_only_if_complete": complete or not looks_complete,
                          "resumed_identical": identical,
-                         "resume_error": "" if identical else resumed.stderr[-300:]})  # fmt: skip
+                         "resume_error": "" if identical else runner.log.read_text()[-300:]})  # fmt: skip
             print(f"point {i}: {rows[-1]}", file=sys.stderr, flush=True)
+        runner.close()
     ok = sum(r["resumed_identical"] and r["loads_only_if_complete"] for r in rows)
     return {"points": points, "seed": seed, "ok": ok, "durations_s": durations, "rows": rows}
 

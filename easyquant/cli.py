@@ -56,7 +56,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="dual-axis scaling: an fp16 scale per input column (Sinkhorn-normalised), applied to the activations "
-        "(default on; --no-col-scale for GGUF export)",
+        "(default on; --no-col-scale keeps GGUF and compressed-tensors exports exact)",
     )
 
 
@@ -250,6 +250,12 @@ def cmd_export_gguf(a: argparse.Namespace) -> None:
     print(report.summary())
 
 
+def cmd_export_ct(a: argparse.Namespace) -> None:
+    from .integrations.ct_export import export_compressed_tensors
+
+    print(export_compressed_tensors(a.ckpt, a.out, group_size=a.group_size, overwrite=a.overwrite).summary())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="easyquant", description="Data-free low-bit quantization of LLM weights (EasyQuant)."
@@ -315,6 +321,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     g.set_defaults(fn=cmd_export_gguf)
+
+    ct = sub.add_parser(
+        "export-ct",
+        help="write an easyquant checkpoint as a compressed-tensors (pack-quantized) checkpoint: vLLM's GPU kernels",
+    )
+    ct.add_argument("ckpt", help="easyquant checkpoint folder")
+    ct.add_argument("out", help="the folder to write")
+    ct.add_argument(
+        "--group-size", type=int, default=None, help="regroup every linear (default: each keeps its own groups)"
+    )
+    ct.add_argument("--overwrite", action="store_true", help="replace OUT if it holds a checkpoint")
+    ct.set_defaults(fn=cmd_export_ct)
 
     d = sub.add_parser("demo", help="quantize the offline SmolLM2-135M and show quality before and after")
     d.add_argument("--out", type=Path, default=Path("runs/smollm2-easyquant"))

@@ -61,16 +61,17 @@ def heavy_tailed(rows: int, cols: int, seed: int = 0, df: float = 4.0, scale: fl
 # the long ones start at once and overlap the many short ones instead of ending the run alone.
 LONGEST_FILES = (
     "test_vllm.py",
-    "test_gguf_export.py",
     "test_bench.py",
     "test_safety.py",
-    "test_models.py",
     "test_kernel.py",
+    "test_models.py",
     "test_real_model.py",
-    "test_allocate.py",
-    "test_quantize.py",
+    "test_gguf_export.py",
+    "test_ct_export.py",
     "test_loader.py",
+    "test_quantize.py",
     "test_study.py",
+    "test_allocate.py",
 )
 
 
@@ -81,22 +82,37 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)  # stable: the order within each file, and of the other files, is kept
 
 
-@pytest.fixture(scope="session")
-def smollm2_default(tmp_path_factory) -> tuple[object, object]:
-    """SmolLM2-135M (the offline GGUF) quantized once with the default settings, for every test and
+def _shared_smollm2(tmp_path_factory, name: str, config) -> tuple[object, object]:
+    """SmolLM2-135M (the offline GGUF) quantized once per run with ``config``, for every test and
     every xdist worker that needs it: the folder and the run's summary. The first worker to come
     quantizes under a file lock; the others find the finished checkpoint, which ``quantize_model``
     recognises as complete and returns the recorded summary of."""
     from filelock import FileLock
 
-    from easyquant import QuantConfig, quantize_model
+    from easyquant import quantize_model
     from easyquant.eval.assets import smollm2_gguf
 
     shared = tmp_path_factory.getbasetemp().parent  # one folder above every worker's own
-    out = shared / "smollm2-default"
-    with FileLock(str(shared / "smollm2-default.lock")):
-        summary = quantize_model(smollm2_gguf(), out, QuantConfig(), workers=2, progress=False)
-    return out, summary
+    with FileLock(str(shared / f"smollm2-{name}.lock")):
+        summary = quantize_model(smollm2_gguf(), shared / f"smollm2-{name}", config, workers=2, progress=False)
+    return shared / f"smollm2-{name}", summary
+
+
+@pytest.fixture(scope="session")
+def smollm2_default(tmp_path_factory) -> tuple[object, object]:
+    """SmolLM2 with the default settings."""
+    from easyquant import QuantConfig
+
+    return _shared_smollm2(tmp_path_factory, "default", QuantConfig())
+
+
+@pytest.fixture(scope="session")
+def smollm2_exact(tmp_path_factory) -> tuple[object, object]:
+    """SmolLM2 in groups of 32 without outliers or column scales: what GGUF and compressed-tensors
+    hold exactly."""
+    from easyquant import QuantConfig
+
+    return _shared_smollm2(tmp_path_factory, "exact", QuantConfig(group_size=32, n_sigma=None, col_scale=False))
 
 
 @pytest.fixture

