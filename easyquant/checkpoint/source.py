@@ -21,9 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import EasyQuantError
-from .st_io import DTYPE_NAMES
+from .st_io import DTYPE_NAMES, INDEX
 
-INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_FILES = ("pytorch_model.bin", PICKLE_INDEX)
 # What a loader reads beside the weights and config.json: tokenizer, generation settings, chat

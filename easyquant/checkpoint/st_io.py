@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from ..progress import progress_bar
+
+INDEX = "model.safetensors.index.json"
 DTYPE_NAMES = {
     torch.float64: "F64",
     torch.float32: "F32",
@@ -128,6 +131,31 @@ def write_safetensors(path: Path, entries: Iterable[Entry], metadata: dict[str, 
         _replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_shards(out: Path, entries: list[Entry], max_bytes: int, progress: bool = True) -> int:
+    """``entries`` as safetensors shards of at most ``max_bytes`` each (a larger tensor gets a shard of
+    its own) in ``out``, named as transformers names them, with the index when there are several;
+    returns the bytes written."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    bar = progress_bar(shards, desc="writing shards", unit="shard", disable=not progress or n == 1)
+    for name, shard in zip(names, bar, strict=True):
+        write_safetensors(out / name, shard, {"format": "pt"})
+    if n > 1:
+        weight_map = {e.name: name for name, shard in zip(names, shards, strict=True) for e in shard}
+        atomic_write_json(
+            out / INDEX, {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
+        )
+    return sum((out / name).stat().st_size for name in names)
 
 
 ITEM_SIZES = {name: torch.empty((), dtype=dtype).element_size() for dtype, name in DTYPE_NAMES.items()}

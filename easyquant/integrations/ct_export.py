@@ -30,15 +30,14 @@ import torch
 from torch import nn
 
 from ..checkpoint.outdir import RECORD, refuse_overlap
-from ..checkpoint.st_io import Entry, _tmp, atomic_write_json, fsync_dir, write_safetensors
+from ..checkpoint.st_io import INDEX, Entry, _tmp, atomic_write_json, fsync_dir, write_shards
 from ..errors import EasyQuantError
-from ..progress import progress_bar
 from .regroup import Regrouped, regroup
 from .stored import StoredCheckpoint
 
 FORMAT = "pack-quantized"
 SHARD_BYTES = 2 * 2**30
-SKIPPED = (".safetensors", ".safetensors.index.json", RECORD)  # what the export writes anew, or drops
+SKIPPED = (".safetensors", INDEX, RECORD)  # what the export writes anew, or drops
 
 
 def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -193,18 +192,6 @@ def _entries(c: StoredCheckpoint, group_size: int | None, report: CtReport) -> l
     return entries
 
 
-def _shards(entries: list[Entry]) -> list[list[Entry]]:
-    shards: list[list[Entry]] = [[]]
-    size = 0
-    for e in entries:
-        if shards[-1] and size + e.nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += e.nbytes
-    return shards
-
-
 def export_compressed_tensors(
     ckpt: str | Path, out: str | Path, group_size: int | None = None, overwrite: bool = False, progress: bool = True
 ) -> CtReport:
@@ -223,22 +210,7 @@ def export_compressed_tensors(
     tmp = _tmp(out)
     tmp.mkdir()
     try:
-        shards = _shards(entries)
-        names = (
-            ["model.safetensors"]
-            if len(shards) == 1
-            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        )
-        bar = progress_bar(total=len(entries), desc="export-ct", unit="tensor", disable=not progress)
-        for name, shard in zip(names, shards, strict=True):
-            write_safetensors(tmp / name, shard, {"format": "pt"})
-            bar.update(len(shard))
-        bar.close()
-        if len(shards) > 1:
-            weight_map = {e.name: n for n, shard in zip(names, shards, strict=True) for e in shard}
-            total = sum(e.nbytes for e in entries)
-            atomic_write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total},
-                                                                      "weight_map": weight_map})  # fmt: skip
+        report.nbytes = write_shards(tmp, entries, SHARD_BYTES, progress)
         for f in ckpt.iterdir():
             if f.is_file() and not f.name.startswith(".") and f.name != "config.json" and not f.name.endswith(SKIPPED):
                 shutil.copy2(f, tmp / f.name)
@@ -257,5 +229,4 @@ def export_compressed_tensors(
             shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report.nbytes = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
     return report
