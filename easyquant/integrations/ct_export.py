@@ -6,7 +6,10 @@ transformers reads through the ``compressed-tensors`` package. Each quantized li
 ``weight_packed`` (int32, ``32 // bits`` codes a word from the lowest bits up, each code stored
 as ``q + 2^(bits-1)``), ``weight_scale`` (fp16, one per group of columns, or per row),
 ``weight_shape`` and, for asymmetric weights, ``weight_zero_point`` (integer zero points,
-packed the same way down the rows); the weight is ``scale * (q - zero_point)``.
+packed the same way down the rows); the weight is ``scale * (q - zero_point)``. This is the
+layout of compressed-tensors 0.17, the version vLLM 0.32 bundles; 0.20 packs widths that do not
+divide 32 without padding bits and, with transformers 5.25, refuses the packed zero points of
+asymmetric weights (4-bit symmetric weights, what vLLM's GPU kernels serve, are the same bytes).
 
 easyquant's symmetric grid is the format's own (``[-2^(k-1), 2^(k-1) - 1]``, fp16 scales, the
 sign in the scale), so an outlier-free weight without column scales whose groups divide its
