@@ -26,7 +26,7 @@ import json
 import math
 import shutil
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -43,12 +43,17 @@ SHARD_BYTES = 2 * 2**30
 SKIPPED = (".safetensors", INDEX, RECORD)  # what the export writes anew, or drops
 
 
+def packed_words(n: int, bits: int) -> int:
+    """int32 words holding ``n`` codes of ``bits`` bits (``32 // bits`` a word, the rest padding)."""
+    return -(-n // (32 // bits))
+
+
 def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned ``bits``-bit values ``(rows, n)`` -> int32 words ``(rows, ceil(n / (32 // bits)))``,
+    """Unsigned ``bits``-bit values ``(rows, n)`` -> int32 words ``(rows, packed_words(n, bits))``,
     value ``i`` of a word in bits ``i * bits`` up (compressed-tensors' ``pack_to_int32``)."""
     per = 32 // bits
     rows, n = values.shape
-    padded = torch.zeros(rows, -(-n // per) * per, dtype=torch.int64)
+    padded = torch.zeros(rows, packed_words(n, bits) * per, dtype=torch.int64)
     padded[:, :n] = values
     words = (padded.view(rows, -1, per) << (torch.arange(per) * bits)).sum(-1)
     return (words - (words >> 31 << 32)).to(torch.int32)  # two's complement of the low 32 bits
@@ -181,11 +186,11 @@ def _entries(c: StoredCheckpoint, group_size: int | None, report: CtReport) -> l
             scheme = report.schemes[module] = _scheme(c, module, group_size)
             rows, cols = c.shape(module)
             ng = 1 if scheme.group_size is None else cols // scheme.group_size
-            per = 32 // scheme.bits
-            shapes = {"weight_packed": (rows, -(-cols // per)), "weight_scale": (rows, ng), "weight_shape": (2,)}
+            words = partial(packed_words, bits=scheme.bits)
+            shapes = {"weight_packed": (rows, words(cols)), "weight_scale": (rows, ng), "weight_shape": (2,)}
             dtypes = {"weight_packed": torch.int32, "weight_scale": torch.float16, "weight_shape": torch.int64}
             if scheme.asymmetric:
-                shapes["weight_zero_point"], dtypes["weight_zero_point"] = (-(-rows // per), ng), torch.int32
+                shapes["weight_zero_point"], dtypes["weight_zero_point"] = (words(rows), ng), torch.int32
             for name, shape in shapes.items():
                 load = lambda m=module, n=name: converted(m)[n]  # noqa: E731
                 entries.append(Entry(f"{c.quantized[module]}.{name}", dtypes[name], shape, load))
