@@ -84,7 +84,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
         a.src,
         a.out,
         _config(a),
-        Options(skip=tuple(a.skip), include=tuple(a.include), target_bpw=a.target_bpw),
+        Options(skip=tuple(a.skip), include=tuple(a.include), target_bpw=a.target_bpw, fold=a.fold),
         workers=a.workers,
         device=a.device,
         executor=a.executor,
@@ -284,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         help="choose bits (--bits -1, 0, +1), group size (--group-size, twice it) and outliers (kept or not) per "
         "layer within this many bits per weight over all quantized layers, from each layer's error "
         "(a data-free knapsack; quantizes each layer 12 times more to choose)",
+    )
+    q.add_argument(
+        "--fold",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="column scales folded into the model's norms and the rows of the linear before (llama, mistral, qwen2, "
+        "qwen3; BERT: value -> output), so that those weights need no activation scaling and export exactly "
+        "(default on; --no-fold keeps every column scale at run time)",
     )
     q.add_argument("--workers", type=int, default=1, help="parallel worker processes (CUDA: one per GPU)")
     q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -30,16 +30,19 @@ import torch
 from safetensors import safe_open
 
 from ..core.allocate import plan as plan_settings
+from ..core.fold import Folding, solve_folds
 from ..core.quantize import QuantConfig
 from ..errors import EasyQuantError
+from ..progress import progress_bar
 from .format import FORMAT_VERSION, Options, quantization_config_dict
 from .outdir import RECORD, WORK_DIR, locked, prepare_out, refuse_overlap
 from .source import DTYPE_OF, INDEX, Source, TensorRef, fingerprint, loader_files, open_source
-from .st_io import Entry, atomic_write_bytes, atomic_write_json, fsync_dir, write_shards
+from .st_io import Entry, atomic_write_bytes, atomic_write_json, fsync_dir, write_safetensors, write_shards
 from .summary import Summary
 from .targets import Plan, Target, find_targets
 from .workers import EXECUTORS, read_row, run_units
 
+FOLDS = "folds.safetensors"  # in the work folder: the solved folds (easyquant.core.fold)
 PLAN = "plan.json"  # in the work folder: each module's settings under a bits budget, fixed once chosen
 SUMMARY = "easyquant_summary.md"
 # Below this share of the model's weights quantized, say so: most of the model stays in full precision.
@@ -50,13 +53,15 @@ def _unit_path(work: Path, target: Target) -> Path:
     return work / "layers" / f"{target.module}.safetensors"
 
 
-def _output_entries(source: Source, plan: Plan, work: Path) -> list[Entry]:
-    """Every tensor of the checkpoint, by name: the source's (named as the model names them),
-    less those quantized (a fused experts tensor, or the per-expert tensors it was read
-    from), and the units' tensors."""
+def _output_entries(source: Source, plan: Plan, work: Path, folding: Folding) -> list[Entry]:
+    """Every tensor of the checkpoint, by name: the source's (named as the model names them,
+    those a fold changes as it changed them), less those quantized (a fused experts tensor, or
+    the per-expert tensors it was read from), and the units' tensors."""
     consumed = {key for t in plan.targets for key in t.source.keys}
     entries = [
-        Entry(plan.output_name(k), r.dtype, r.shape, r.load) for k, r in source.tensors.items() if k not in consumed
+        Entry(plan.output_name(k), r.dtype, r.shape, (lambda t=folding.dense[k]: t) if k in folding.dense else r.load)
+        for k, r in source.tensors.items()
+        if k not in consumed
     ]
     for target in plan.targets:
         path = _unit_path(work, target)
@@ -148,6 +153,31 @@ def _module_configs(
     return {t.module: QuantConfig(**stored[t.module]) for t in targets}
 
 
+def _folding(work: Path, source: Source, plan: Plan, configs: dict[str, QuantConfig], progress: bool) -> Folding:
+    """The folds of the model's column scales (those whose readers have column scales), solved
+    once and kept in the work folder, so that a resumed run quantizes with the same scales."""
+    path = work / FOLDS
+    if not path.is_file():
+        folds = [f for f in plan.folds if all(configs[r].col_scale for r in f.readers)]
+        with progress_bar(total=len(folds), unit="fold", desc="folding", disable=not progress or not folds) as bar:
+            folding = solve_folds(folds, lambda key: source.tensors[key].load(), configs, bar.update)
+        entries = [(f"{kind}:{m}", t) for m, pair in folding.scales.items() for kind, t in zip("rc", pair, strict=True)]
+        entries = [(k, t) for k, t in entries if t is not None]
+        entries += [(f"d:{k}", t) for k, t in folding.dense.items()]
+        write_safetensors(path, [Entry(k, t.dtype, tuple(t.shape), lambda t=t: t) for k, t in entries])
+    folding = Folding()
+    with safe_open(path, "pt") as f:
+        for key in f.keys():
+            kind, name = key.split(":", 1)
+            if kind == "d":
+                folding.dense[name] = f.get_tensor(key)
+            else:
+                rows, cols = folding.of(name)
+                t = f.get_tensor(key)
+                folding.scales[name] = (t, cols) if kind == "r" else (rows, t)
+    return folding
+
+
 def _quantize_into(
     out: Path,
     work: Path,
@@ -164,7 +194,12 @@ def _quantize_into(
     plan = find_targets(source, options.skip, options.include)
     targets = plan.targets
     configs = _module_configs(work, targets, config, options.target_bpw, progress)
-    todo = [(t, _unit_path(work, t), configs[t.module]) for t in targets if not _unit_path(work, t).is_file()]
+    folding = _folding(work, source, plan, configs, progress) if options.fold else Folding()
+    todo = [
+        (t, _unit_path(work, t), configs[t.module], folding.of(t.module))
+        for t in targets
+        if not _unit_path(work, t).is_file()
+    ]
     if device == "cuda":
         workers = workers if workers > 1 else torch.cuda.device_count()
     run_units(todo, workers, device, executor, progress)
@@ -177,7 +212,8 @@ def _quantize_into(
             "precision (see the summary; --include adds modules)",
             stacklevel=2,
         )
-    summary.output_bytes = write_shards(out, _output_entries(source, plan, work), options.max_shard_bytes, progress)
+    entries = _output_entries(source, plan, work, folding)
+    summary.output_bytes = write_shards(out, entries, options.max_shard_bytes, progress)
     copied, left_out = loader_files(source.folder)
     summary.left_out = [f.name for f in left_out if f.name != INDEX and not f.name.endswith(".safetensors")]
     for f in copied:
@@ -185,8 +221,9 @@ def _quantize_into(
         atomic_write_bytes(out / f, (source.folder / f).read_bytes())
     atomic_write_bytes(out / SUMMARY, summary.markdown().encode())
     model_config = source.config
+    folds = [f for f in plan.folds if f.readers[0] in folding.scales]
     model_config["quantization_config"] = quantization_config_dict(
-        config, options, targets, summary.layers, options.target_bpw is not None
+        config, options, targets, summary.layers, options.target_bpw is not None, folds
     )
     atomic_write_json(out / "config.json", model_config)
     return summary

@@ -21,12 +21,14 @@ from __future__ import annotations
 import fnmatch
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from ..core.fold import Fold
 from ..errors import EasyQuantError
+from .folds import find_folds
 from .source import ExpertSlice, Source, Stacked, TensorRef, WeightSource
 
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
@@ -202,6 +204,7 @@ class Plan:
 
     targets: list[Target]
     renamings: list[tuple[str, str]]  # transformers' load-time renamings: (on disk, in the model)
+    folds: list[Fold]  # where column scales may fold into the model (checkpoint names)
 
     def output_name(self, key: str) -> str:
         """An untouched tensor's name in the output: the model's (``.block_sparse_moe.`` ->
@@ -224,11 +227,15 @@ def find_targets(source: Source, skip: tuple[str, ...] = (), include: tuple[str,
                 raise EasyQuantError(
                     f"{flag} {p!r} matches no linear layer or experts of this model (e.g. {names[-1]!r})"
                 )
+
+    def key_of(name: str) -> str:  # the checkpoint's name for a module (which may omit the base prefix)
+        if f"{name}.weight" not in source.tensors and prefix and name.startswith(f"{prefix}."):
+            return name.removeprefix(f"{prefix}.")
+        return name
+
     targets = []
     for name, mod in block_linears(model, skip, include):
-        key = name
-        if f"{key}.weight" not in source.tensors and prefix and key.startswith(f"{prefix}."):
-            key = key.removeprefix(f"{prefix}.")
+        key = key_of(name)
         ref = source.tensors.get(f"{key}.weight")
         if ref is None:
             tied = _tied_to(model, name)
@@ -265,4 +272,9 @@ def find_targets(source: Source, skip: tuple[str, ...] = (), include: tuple[str,
             targets.append(Target(f"{base}.{e}", in_features, out_features, False, src, expert))
     if not targets:
         raise EasyQuantError(f"{source.folder}: found no linear layers to quantize (skip={list(skip)})")
-    return Plan(sorted(targets, key=lambda t: t.expert or (t.module,)), conversions[0])
+    modules = {t.module for t in targets}
+    folds = [
+        replace(f, into=key_of(f.into), readers=tuple(key_of(r) for r in f.readers))
+        for f in find_folds(model, lambda name: key_of(name) in modules)
+    ]
+    return Plan(sorted(targets, key=lambda t: t.expert or (t.module,)), conversions[0], folds)

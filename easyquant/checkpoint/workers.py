@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..core.quantize import QuantConfig, quantize_weight
+from ..core.fold import Scales, quantize_folded
+from ..core.quantize import QuantConfig
 from ..errors import EasyQuantError
 from ..progress import progress_bar
 from .st_io import Entry, write_safetensors
 from .targets import Target
 
-Unit = tuple[Target, Path, QuantConfig]
+Unit = tuple[Target, Path, QuantConfig, Scales]  # Scales: the weight's fold (easyquant.core.fold)
 EXECUTORS = ("local", "ray")
 _worker_device: str = "cpu"
 
@@ -31,11 +32,15 @@ def _init_worker(devices: list[str], counter, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def quantize_unit(target: Target, config: QuantConfig, path: Path, device: str | None = None) -> dict:
-    """Quantize one weight into its unit file; returns its summary row."""
+def quantize_unit(
+    target: Target, config: QuantConfig, path: Path, fold: Scales = (None, None), device: str | None = None
+) -> dict:
+    """Quantize one weight (with its fold) into its unit file; returns its summary row."""
     t0 = time.perf_counter()
     source = target.source
-    qw = quantize_weight(source.load().to(device or _worker_device), config, name=source.name)
+    dev = device or _worker_device
+    fold = (None if fold[0] is None else fold[0].to(dev), None if fold[1] is None else fold[1].to(dev))
+    qw = quantize_folded(source.load().to(dev), config, fold, source.name)
     row = {
         "module": target.module,
         "rows": qw.shape[0],
@@ -45,6 +50,7 @@ def quantize_unit(target: Target, config: QuantConfig, path: Path, device: str |
         "bits": qw.bits,
         "group_size": qw.group_size,
         **({"expert": True} if target.expert else {}),
+        **({"folded": True} if fold[1] is not None else {}),
         "seconds": time.perf_counter() - t0,
     }
     tensors = qw.to("cpu").tensors()
@@ -64,8 +70,8 @@ def _quantize_args(args: tuple) -> dict:
 
 def _local_results(todo: list[Unit], workers: int, device: str) -> Iterator[dict]:
     if workers <= 1:
-        for target, path, config in todo:
-            yield quantize_unit(target, config, path, device)
+        for target, path, config, fold in todo:
+            yield quantize_unit(target, config, path, fold, device)
         return
     import multiprocessing as mp
 
@@ -74,7 +80,7 @@ def _local_results(todo: list[Unit], workers: int, device: str) -> Iterator[dict
     threads = max(1, (os.cpu_count() or 1) // workers)
     # Leaving the block terminates the workers: a failing tensor stops the run at once.
     with ctx.Pool(workers, _init_worker, (devices, ctx.Value("i", 0), threads)) as pool:
-        yield from pool.imap_unordered(_quantize_args, [(target, config, path) for target, path, config in todo])
+        yield from pool.imap_unordered(_quantize_args, [(t, config, path, fold) for t, path, config, fold in todo])
 
 
 def _ray_results(todo: list[Unit], device: str) -> Iterator[dict]:
@@ -87,7 +93,7 @@ def _ray_results(todo: list[Unit], device: str) -> Iterator[dict]:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     task = ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0)(quantize_unit)
-    pending = [task.remote(target, config, path, device) for target, path, config in todo]
+    pending = [task.remote(target, config, path, fold, device) for target, path, config, fold in todo]
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -98,7 +104,7 @@ def _ray_results(todo: list[Unit], device: str) -> Iterator[dict]:
 
 
 def run_units(todo: list[Unit], workers: int, device: str, executor: str, progress: bool) -> None:
-    total = sum(t.in_features * t.out_features for t, _, _ in todo)
+    total = sum(t.in_features * t.out_features for t, *_ in todo)
     done_weights, t0 = 0, time.perf_counter()
     results = _ray_results(todo, device) if executor == "ray" else _local_results(todo, workers, device)
     with progress_bar(total=len(todo), unit="tensor", desc="quantizing", disable=not progress or not todo) as bar:

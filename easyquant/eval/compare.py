@@ -20,15 +20,17 @@ import json
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..checkpoint.folds import find_folds
 from ..checkpoint.pipeline import MIN_QUANTIZED_SHARE
 from ..checkpoint.targets import block_linears, expert_matrices
 from ..core.allocate import Choice, choose, menu, score
+from ..core.fold import Folding, quantize_folded, solve_folds, unfolded_weight
 from ..core.quantize import QuantConfig, quantize_weight
 from ..core.qweight import QuantizedWeight
 from ..errors import EasyQuantError
@@ -53,6 +55,7 @@ class Quantized:
     experts: bool = False  # whether those include the experts
     packed: dict[str, QuantizedWeight] | None = None
     reused_seconds: float = 0.0  # time of shared work done for an earlier row, counted in this row's time too
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)  # folded tensors the packed weights expect
 
 
 # A method quantizes the given linears of a model in place (calibration windows for the data-dependent one).
@@ -81,12 +84,29 @@ def _per_layer(fn: PerLayer) -> Method:
     return run
 
 
-def easyquant_method(**kw: object) -> Method:
-    def one(name: str, w: torch.Tensor, bits: int) -> tuple[torch.Tensor, float, int, QuantizedWeight]:
-        qw = quantize_weight(w, QuantConfig(bits=bits, **kw), name=name)
-        return qw.dequantize(), qw.bits_per_weight, qw.outlier_count, qw
+def easyquant_method(fold: bool = False, **kw: object) -> Method:
+    """easyquant with settings ``kw``; ``fold``: column scales folded into the model where it
+    allows (:mod:`easyquant.core.fold`), as ``easyquant quantize`` does. The model keeps its
+    norms: each folded linear holds its weight unfolded, which computes the same."""
 
-    return _per_layer(one)
+    def run(model: nn.Module, linears: Linears, bits: int, calib: torch.Tensor) -> Quantized:
+        config = QuantConfig(bits=bits, **kw)
+        folding = Folding()
+        if fold and config.col_scale:
+            names = {name for name, _ in linears}
+            folds = find_folds(model, names.__contains__)
+            folding = solve_folds(folds, lambda key: model.get_parameter(key).data, dict.fromkeys(names, config))
+
+        def one(name: str, w: torch.Tensor, bits: int) -> tuple[torch.Tensor, float, int, QuantizedWeight]:
+            qw = quantize_folded(w, config, folding.of(name), name)
+            w_hat = unfolded_weight(qw.dequantize(), folding.of(name)).to(w.dtype)
+            return w_hat, qw.bits_per_weight, qw.outlier_count, qw
+
+        result = _per_layer(one)(model, linears, bits, calib)
+        result.dense = folding.dense
+        return result
+
+    return run
 
 
 # What target_method has scored: (base setting, layer names) -> (score's table and count, seconds).
@@ -180,7 +200,7 @@ def resolve(name: str, scores: Scores | None = None) -> Method:
         return METHODS[name]
     head, _, spec = name.partition(":")
     if head == "easyquant" and spec:
-        settings = ["target_bpw", *(f.name for f in fields(QuantConfig))]
+        settings = ["target_bpw", "fold", *(f.name for f in fields(QuantConfig))]
         try:
             pairs = [item.split("=", 1) for item in spec.split("/")]
             if any(len(p) != 2 for p in pairs):
@@ -189,10 +209,14 @@ def resolve(name: str, scores: Scores | None = None) -> Method:
             unknown = [k for k in kw if k not in settings]
             if unknown:
                 raise ValueError(f"unknown setting {unknown[0]!r}; settings are {', '.join(settings)}")
-            QuantConfig(**{k: v for k, v in kw.items() if k != "target_bpw"})  # fail here, naming the method
+            QuantConfig(**{k: v for k, v in kw.items() if k not in ("target_bpw", "fold")})  # fail here, naming it
+            if not isinstance(kw.get("fold", False), bool):
+                raise ValueError("fold is true or false")
         except (ValueError, TypeError) as e:
             raise EasyQuantError(f"method {name!r}: {e}") from None
         target = kw.pop("target_bpw", None)
+        if target is not None and kw.pop("fold", False):
+            raise EasyQuantError(f"method {name!r}: fold is not offered with target_bpw in compare")
         return easyquant_method(**kw) if target is None else target_method(float(target), scores, **kw)
     raise EasyQuantError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or easyquant:key=value/...")
 
@@ -273,6 +297,8 @@ def compare(
             size = (all_bytes - stored + result.bits_per_weight * result.weights / 8) / 2**20
             tokens_per_s = None
             if result.packed is not None and gen_tokens:
+                for key, t in result.dense.items():  # the packed weights are the folded ones
+                    m.get_parameter(key).data.copy_(t)
                 swap_in_quantized(m, result.packed)
                 tokens_per_s = speed(m)
             rows.append(Row(name, b, result.bits_per_weight, result.outlier_fraction, rel,

@@ -55,16 +55,19 @@ def _valid_outliers(v: object) -> bool:
 
 SETTINGS = tuple(QuantConfig.__dataclass_fields__)  # recorded for the record; loading needs bits and groups
 REQUIRED = ("format_version", "bits", "group_size", "modules")
-KEYS = {"quant_method", *REQUIRED, "skip", "include", "target_bpw", *SETTINGS}
+KEYS = {"quant_method", *REQUIRED, "skip", "include", "target_bpw", "folds", *SETTINGS}
 PER_MODULE = ("bits", "group_size")  # format 4: a module's own settings (--target-bpw)
 
 
 def _valid_module(info: object) -> bool:
     """``{"outliers": ...}``, with the module's own ``bits`` and ``group_size`` (None: per channel;
-    an experts module: one setting for all its experts) or neither."""
+    an experts module: one setting for all its experts) or neither, and ``"col_scale": false``
+    where its column scale is folded into the model (format 7)."""
     if not isinstance(info, dict) or "outliers" not in info or not _valid_outliers(info["outliers"]):
         return False
-    own = set(info) - {"outliers"}
+    if info.get("col_scale", False) is not False:
+        return False
+    own = set(info) - {"outliers", "col_scale"}
     if not own:
         return True
     if own != set(PER_MODULE):
@@ -109,6 +112,16 @@ class EasyQuantConfig(QuantizationConfigMixin):
                 '{"outliers": {parameter: [count >= 0 per expert]}} (format 4: with "bits" and "group_size" beside '
                 "it)"
             )
+        folds = kwargs.get("folds", [])
+        if not isinstance(folds, list) or not all(
+            isinstance(f, dict)
+            and set(f) == {"into", "readers"}
+            and isinstance(f["into"], str)
+            and isinstance(f["readers"], list)
+            and all(isinstance(r, str) for r in f["readers"])
+            for f in folds
+        ):
+            raise EasyQuantError('quantization_config: folds must be a list of {"into": name, "readers": [names]}')
         target = kwargs.get("target_bpw")
         if target is not None and not (isinstance(target, int | float) and 0 < target <= 16):
             raise EasyQuantError(f"quantization_config: target_bpw must be a number of bits per weight, got {target!r}")
@@ -117,18 +130,27 @@ class EasyQuantConfig(QuantizationConfigMixin):
                 raise EasyQuantError(f"quantization_config: {key} must be a list of patterns")
         self.quant_method = METHOD
         self.format_version = version
-        needed = format_version(settings, any(len(v) > 1 for v in modules.values()))
+        folded = bool(folds) or any("col_scale" in v for v in modules.values())
+        needed = format_version(settings, any("bits" in v for v in modules.values()), folded)
         if version < needed:
             raise EasyQuantError(f"quantization_config: these settings need format_version {needed} or later")
         self.bits, self.group_size, self.modules = settings.bits, settings.group_size, modules
         self.asymmetric, self.col_scale = settings.asymmetric, settings.col_scale
         self.fractional_zero = settings.fractional_zero
-        self.settings = {k: kwargs[k] for k in (*SETTINGS, "skip", "include", "target_bpw") if k in kwargs}
+        self.settings = {k: kwargs[k] for k in (*SETTINGS, "skip", "include", "target_bpw", "folds") if k in kwargs}
 
     def module_settings(self, module: str) -> tuple[int, int | None]:
         """A checkpoint module's bits and group size (None: per channel): its own, or the checkpoint's."""
         info = self.modules[module]
         return (info["bits"], info["group_size"]) if "bits" in info else (self.bits, self.group_size)
+
+    def module_col_scale(self, module: str) -> bool:
+        """Whether a checkpoint module stores column scales (not where they are folded away)."""
+        return self.modules[module].get("col_scale", self.col_scale)
+
+    def module_tensors(self, module: str) -> tuple[str, ...]:
+        """The names of a checkpoint module's quantized tensors."""
+        return tensor_names(self.asymmetric, self.module_col_scale(module))
 
     def zero_shift(self, bits: int) -> int:
         """Fractional bits of the stored zero points of a ``bits``-bit module (format 5)."""
@@ -179,8 +201,9 @@ def replace_linears(model: nn.Module, qconfig: EasyQuantConfig, dtype: torch.dty
     names = dict(model.named_modules())
 
     def layer(
-        module: str, rows: int, cols: int, bias: bool, outliers: int, device: torch.device, settings: tuple
-    ) -> EasyQuantLinear:
+        module: str, rows: int, cols: int, bias: bool, outliers: int, device: torch.device, settings: tuple,
+        col_scale: bool,
+    ) -> EasyQuantLinear:  # fmt: skip
         if outliers > rows * cols:
             raise EasyQuantError(
                 f"quantization_config: module {module!r} lists {outliers} outliers, more than its {rows}x{cols} weights"
@@ -196,7 +219,7 @@ def replace_linears(model: nn.Module, qconfig: EasyQuantConfig, dtype: torch.dty
             dtype,
             device,
             qconfig.asymmetric,
-            qconfig.col_scale,
+            col_scale,
             qconfig.zero_shift(bits),
             qconfig.format_version >= COMPACT_ROWPTR,
         )
@@ -217,6 +240,7 @@ def replace_linears(model: nn.Module, qconfig: EasyQuantConfig, dtype: torch.dty
                 info["outliers"],
                 mod.weight.device,
                 qconfig.module_settings(module),
+                qconfig.module_col_scale(module),
             )
             model.set_submodule(name, q)
             continue
@@ -231,7 +255,16 @@ def replace_linears(model: nn.Module, qconfig: EasyQuantConfig, dtype: torch.dty
             _, a, b = weight.shape
             rows, cols = (b, a) if mod.is_transposed else (a, b)
             layers[param] = [
-                layer(f"{module}.{param}.{e}", rows, cols, False, n, weight.device, qconfig.module_settings(module))
+                layer(
+                    f"{module}.{param}.{e}",
+                    rows,
+                    cols,
+                    False,
+                    n,
+                    weight.device,
+                    qconfig.module_settings(module),
+                    qconfig.col_scale,
+                )
                 for e, n in enumerate(counts)
             ]
         model.set_submodule(name, EasyQuantExperts(mod, layers))

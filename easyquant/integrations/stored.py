@@ -17,7 +17,6 @@ from torch import nn
 from ..checkpoint.source import Source, open_safetensors_folder
 from ..core.qweight import QuantizedWeight
 from ..errors import EasyQuantError
-from ..runtime.nn import tensor_names
 from .hf import EasyQuantConfig, _model_name, replace_linears, verify_files
 
 
@@ -71,7 +70,7 @@ class StoredCheckpoint:
     def weight(self, module: str) -> QuantizedWeight:
         """The quantized weight of the model's ``module``, read and checked."""
         name, q = self.quantized[module], self.qconfig
-        names = tensor_names(q.asymmetric, q.col_scale)
+        names = q.module_tensors(name)
         t = [self.source.tensors[f"{name}.{n}"].load() for n in names]
         shape = self.shape(module)
         bits, group_size = q.module_settings(name)

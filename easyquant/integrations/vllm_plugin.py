@@ -36,7 +36,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from ..core.qweight import QuantizedWeight
 from ..core.shards import stack_rows, take_cols, take_rows
 from ..errors import EasyQuantError
-from ..runtime.nn import EasyQuantLinear, tensor_names
+from ..runtime.nn import EasyQuantLinear
 from .hf import METHOD, EasyQuantConfig
 
 
@@ -100,6 +100,10 @@ class EasyQuantLinearMethod(LinearMethodBase):
     def __init__(self, config: EasyQuantConfig, modules: list[str]):
         self.config = config
         self.modules = modules  # the checkpoint's modules behind the layer, in shard order
+        kinds = {config.module_tensors(m) for m in modules}
+        if len(kinds) > 1:  # a fold covers every linear that reads one input: q, k, v alike
+            raise EasyQuantError(f"vLLM fuses {modules}, but only some of them have their column scales folded")
+        (self.names,) = kinds
 
     def create_weights(
         self,
@@ -118,7 +122,7 @@ class EasyQuantLinearMethod(LinearMethodBase):
             shard_id = getattr(loaded, "shard_id", None) if shard_id is None else shard_id
             layer.easyquant_shards.setdefault(shard_id, {})[param.easyquant_name] = loaded.detach().clone()
 
-        for name in tensor_names(self.config.asymmetric, self.config.col_scale):
+        for name in self.names:
             param = torch.nn.Parameter(torch.empty(0), requires_grad=False)  # on vLLM's device for the layer
             set_weight_attrs(param, {"weight_loader": keep, "easyquant_name": name})
             layer.register_parameter(name, param)
@@ -128,7 +132,7 @@ class EasyQuantLinearMethod(LinearMethodBase):
         local_cols, local_rows, cols, dtype = layer.easyquant_sizes
         rows = t["packed"].shape[0]
         name = f"{layer.prefix}[{shard}]" if shard is not None else layer.prefix
-        names = tensor_names(self.config.asymmetric, self.config.col_scale)
+        names = self.names
         bits, group_size = self.config.module_settings(self.modules[index])
         qw = QuantizedWeight(*(t[n] for n in names[:5]), bits, group_size or cols, (rows, cols), dtype,
                              **{n: t[n] for n in names[5:]}, zero_shift=self.config.zero_shift(bits))  # fmt: skip
@@ -146,7 +150,7 @@ class EasyQuantLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         shards = layer.easyquant_shards
         order = _shard_order(layer, shards)
-        names = tensor_names(self.config.asymmetric, self.config.col_scale)
+        names = self.names
         missing = [s for s in order if set(shards.get(s, {})) != set(names)]
         if missing or len(order) != len(layer.easyquant_sizes[1]):
             raise EasyQuantError(f"{layer.prefix}: the checkpoint lacks quantized tensors of shards {missing}")
