@@ -11,6 +11,7 @@ import transformers
 
 from .checkpoint.pipeline import SUMMARY, Options, quantize_model
 from .checkpoint.source import source_note
+from .core.fold import FOLD_MODES
 from .core.quantize import OUTLIER_RULES, QuantConfig
 from .core.solvers import SOLVERS
 from .errors import EasyQuantError
@@ -287,11 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     q.add_argument(
         "--fold",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="column scales folded into the model's norms and the rows of the linear before (llama, mistral, qwen2, "
-        "qwen3; BERT: value -> output), so that those weights need no activation scaling and export exactly "
-        "(default on; --no-fold keeps every column scale at run time)",
+        choices=list(FOLD_MODES),
+        default="rows",
+        help="fold column scales into the model so that stored weights need no activation scaling: rows (default: "
+        "v_proj -> o_proj, up_proj -> down_proj, and BERT's value -> output), all (also into the norms before "
+        "q/k/v and gate/up, one scale shared by the linears that read a norm: every weight plain, GGUF and "
+        "compressed-tensors exports exact but for outlier blocks; some KL lost), none (every column scale at run "
+        "time); llama, mistral, qwen2, qwen3 and BERT; not with --target-bpw",
     )
     q.add_argument("--workers", type=int, default=1, help="parallel worker processes (CUDA: one per GPU)")
     q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -87,15 +87,22 @@ def _shared_smollm2(tmp_path_factory, name: str, config) -> tuple[object, object
     every xdist worker that needs it: the folder and the run's summary. The first worker to come
     quantizes under a file lock; the others find the finished checkpoint, which ``quantize_model``
     recognises as complete and returns the recorded summary of."""
+    import hashlib
+    from dataclasses import asdict
+
     from filelock import FileLock
 
-    from easyquant import quantize_model
+    from easyquant import Options, quantize_model
+    from easyquant.checkpoint.format import FORMAT_VERSION
     from easyquant.eval.assets import smollm2_gguf
 
-    shared = tmp_path_factory.getbasetemp().parent  # one folder above every worker's own
-    with FileLock(str(shared / f"smollm2-{name}.lock")):
-        summary = quantize_model(smollm2_gguf(), shared / f"smollm2-{name}", config, workers=2, progress=False)
-    return shared / f"smollm2-{name}", summary
+    # One folder above every worker's own; named by the settings, so that a run of other code never
+    # finds the checkpoint of an earlier run made with other settings.
+    run = repr((config.to_dict(), asdict(Options()), FORMAT_VERSION)).encode()
+    folder = tmp_path_factory.getbasetemp().parent / f"smollm2-{name}-{hashlib.sha256(run).hexdigest()[:8]}"
+    with FileLock(f"{folder}.lock"):
+        summary = quantize_model(smollm2_gguf(), folder, config, workers=2, progress=False)
+    return folder, summary
 
 
 @pytest.fixture(scope="session")
@@ -162,6 +169,20 @@ def tiny_model(kind: str, folder, seed: int = 0, dtype: torch.dtype = torch.floa
     return model
 
 
+def quantized_in_memory(model, config):
+    """``model`` with each weight ``easyquant quantize`` quantizes (the block linears, every
+    expert) replaced in memory by its dequantized self, column scales folded as it folds them
+    (``easyquant compare``'s path; each folded weight unfolded into the unchanged model)."""
+    from dataclasses import asdict
+
+    from easyquant.checkpoint.targets import block_linears
+    from easyquant.eval.compare import easyquant_method
+
+    settings = {k: v for k, v in asdict(config).items() if k != "bits"}
+    easyquant_method(**settings)(model, block_linears(model), config.bits, None)
+    return model
+
+
 def loads_like_memory(tmp_path, config, kind: str = "llama") -> tuple[dict, object, dict, object]:
     """A tiny ``kind`` model quantized with ``config`` into ``tmp_path / "out"``, checked to load
     with the logits of the same model with each quantized weight replaced in memory by its
@@ -171,7 +192,6 @@ def loads_like_memory(tmp_path, config, kind: str = "llama") -> tuple[dict, obje
 
     from safetensors.torch import load_file
 
-    from easyquant import quantize_weight
     from easyquant.checkpoint.pipeline import quantize_model
 
     src, out = tmp_path / "src", tmp_path / "out"
@@ -180,10 +200,7 @@ def loads_like_memory(tmp_path, config, kind: str = "llama") -> tuple[dict, obje
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     shard = next(out.glob("*.safetensors"))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    ref = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
-    for name, lin in ref.named_modules():
-        if name in qc["modules"]:
-            lin.weight.data = quantize_weight(lin.weight.data, config).dequantize()
+    ref = quantized_in_memory(transformers.AutoModelForCausalLM.from_pretrained(src).eval(), config)
     x = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, ref(x).logits, rtol=1e-4, atol=1e-4)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from conftest import claim_format, heavy_tailed, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
+from easyquant.checkpoint.format import FORMAT_VERSION
 from easyquant.checkpoint.pipeline import Options, quantize_model
 from easyquant.cli import main
 from easyquant.core.allocate import Choice, allocate, menu, plan
@@ -93,7 +94,7 @@ def _quantize_on_budget(src, out, flags: list[str], base: QuantConfig, target: f
     the plan it reports: each module its own setting from ``base``'s menu. Its quantization_config."""
     main(["quantize", str(src), str(out), "--target-bpw", str(target), *flags])
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["format_version"] == 6 and qc["target_bpw"] == target
+    assert qc["format_version"] == FORMAT_VERSION and qc["target_bpw"] == target
     summary = (out / "easyquant_summary.md").read_text()
     ref = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
     bits = n = 0
@@ -169,7 +170,7 @@ def test_target_bpw_gives_each_experts_module_one_setting(tmp_path):
     summary = quantize_model(src, out, base, Options(target_bpw=4.4), progress=False)
     assert summary.bits_per_weight <= 4.4
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["format_version"] == 6
+    assert qc["format_version"] == FORMAT_VERSION
     experts = {m: info for m, info in qc["modules"].items() if isinstance(info["outliers"], dict)}
     assert len(experts) == 2 and len({(m["bits"], m["group_size"]) for m in qc["modules"].values()}) > 1
     rows = {r["module"]: r for r in summary.layers}

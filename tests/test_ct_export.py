@@ -106,17 +106,23 @@ def test_smollm2_exports_exactly(tmp_path, smollm2_exact) -> None:
 
 
 def test_default_and_budget_checkpoints_export(tmp_path) -> None:
-    """The default (column scales, outliers) has every group solved again, each weight within its
-    rounding of the checkpoint's, and logits about as near the source model's; a bit budget's
-    modules of their own bits become config groups of their own, carried over exactly."""
+    """The default with column scales at run time (``--fold none``) has every group solved again,
+    each weight within its rounding of the checkpoint's, and logits about as near the source
+    model's; folded whole (``--fold all``), only the groups holding outliers are; a bit budget's modules
+    of their own bits become config groups of their own, carried over exactly."""
     tiny_model("llama", tmp_path / "src")
-    quantize_model(tmp_path / "src", tmp_path / "q", QuantConfig(group_size=32), progress=False)
+    quantize_model(tmp_path / "src", tmp_path / "q", QuantConfig(group_size=32), Options(fold="none"), progress=False)
     report = export_compressed_tensors(tmp_path / "q", tmp_path / "ct", progress=False)
     assert report.requantized == report.groups > 0 and report.col_scaled == 14 and "re-solved" in report.summary()
     ours, theirs = _pair(tmp_path / "q", tmp_path / "ct")
     with torch.inference_mode():
         source = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float16)(IDS).logits
     assert (theirs - source).float().norm() < 2 * (ours - source).float().norm()
+
+    folded = Options(fold="all")
+    summary = quantize_model(tmp_path / "src", tmp_path / "f", QuantConfig(group_size=32), folded, progress=False)
+    report = export_compressed_tensors(tmp_path / "f", tmp_path / "fct", progress=False)
+    assert report.col_scaled == 0 and 0 < report.requantized <= sum(r["outliers"] for r in summary.layers)
 
     quantize_model(tmp_path / "src", tmp_path / "b", EXACT, Options(target_bpw=4.2), progress=False)
     report = export_compressed_tensors(tmp_path / "b", tmp_path / "bct", progress=False)

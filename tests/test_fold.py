@@ -10,15 +10,16 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import CONFIGS, claim_format, tiny_model
 
+from conftest import CONFIGS, claim_format, tiny_model
 from easyquant import Options, QuantConfig
 from easyquant.checkpoint.folds import find_folds
 from easyquant.checkpoint.pipeline import quantize_model
 from easyquant.checkpoint.targets import block_linears
+from easyquant.cli import main
 from easyquant.core.fold import folded_weight, solve_folds
 from easyquant.errors import EasyQuantError
-from easyquant.eval.compare import easyquant_method
+from easyquant.eval.compare import easyquant_method, resolve
 from easyquant.integrations.ct_export import export_compressed_tensors
 
 BERT = transformers.BertConfig(
@@ -66,26 +67,29 @@ def test_a_fold_changes_nothing_the_model_computes(kind: str) -> None:
         torch.testing.assert_close(model(IDS)[0], want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_folded_checkpoint_loads_with_the_in_memory_logits(tmp_path, kind: str) -> None:
-    """The default run folds: format 7 records the folds, folded modules have no column scales,
-    the norms are written scaled, and the checkpoint computes what the in-memory fold of
-    ``easyquant compare`` computes (each weight unfolded into the unchanged model)."""
+@pytest.mark.parametrize(("kind", "fold"), [("llama", "rows"), ("qwen2", "rows"), ("llama", "all"), ("qwen2", "all")])
+def test_folded_checkpoint_loads_with_the_in_memory_logits(tmp_path, kind: str, fold: str) -> None:
+    """Folded runs (rows: the default): format 7 records the folds, folded modules have no
+    column scales, the rows before them (and with ``all`` the norms) are written scaled, and
+    the checkpoint computes what the in-memory fold of ``easyquant compare`` computes (each
+    weight unfolded into the unchanged model)."""
     src, out = tmp_path / "src", tmp_path / "out"
     model = tiny_model(kind, src)
     _uneven(model, seed=3)
     model.save_pretrained(src)
-    config = QuantConfig(group_size=32)
-    quantize_model(src, out, config, progress=False)
+    quantize_model(src, out, QuantConfig(group_size=32), Options(fold=fold), progress=False)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["format_version"] == 7 and len(qc["folds"]) == 8
-    assert all(m.get("col_scale") is False for m in qc["modules"].values())
+    folded = {m for m, info in qc["modules"].items() if info.get("col_scale") is False}
+    ends = ("o_proj", "down_proj") if fold == "rows" else ("proj",)
+    assert qc["format_version"] == 7 and len(qc["folds"]) == (4 if fold == "rows" else 8)
+    assert folded == {m for m in qc["modules"] if m.endswith(ends)}
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert not any(m.col_scale for _, m in loaded.named_modules() if hasattr(m, "col_scale"))
-    norm = loaded.model.layers[0].input_layernorm.weight
-    assert not torch.allclose(norm, model.model.layers[0].input_layernorm.weight)
+    assert {n for n, m in loaded.named_modules() if getattr(m, "col_scale", True) is False} == folded
+    layer, source = loaded.model.layers[0], model.model.layers[0]
+    assert not torch.equal(layer.self_attn.v_proj.quantized_weight().dequantize(), source.self_attn.v_proj.weight)
+    assert torch.equal(layer.input_layernorm.weight, source.input_layernorm.weight) == (fold == "rows")
     ref = copy.deepcopy(model)
-    easyquant_method(fold=True, group_size=32)(ref, block_linears(ref), 4, IDS)
+    easyquant_method(fold=fold, group_size=32)(ref, block_linears(ref), 4, IDS)
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS).logits, ref(IDS).logits, rtol=1e-4, atol=1e-4)
 
@@ -96,11 +100,13 @@ def test_folded_checkpoint_loads_with_the_in_memory_logits(tmp_path, kind: str) 
 
 def test_no_fold_keeps_every_column_scale_and_gemma_is_not_folded(tmp_path) -> None:
     tiny_model("llama", tmp_path / "src")
-    quantize_model(tmp_path / "src", tmp_path / "off", options=Options(fold=False), progress=False)
+    with pytest.raises(EasyQuantError, match="fold must be one of none, rows, all"):
+        quantize_model(tmp_path / "src", tmp_path / "bad", options=Options(fold="yes"), progress=False)
+    main(["quantize", str(tmp_path / "src"), str(tmp_path / "off"), "--fold", "none"])
     qc = json.loads((tmp_path / "off" / "config.json").read_text())["quantization_config"]
     assert "folds" not in qc and not any("col_scale" in m for m in qc["modules"].values())
     tiny_model("gemma", tmp_path / "gemma")  # its norms multiply by 1 + weight: no fold is known
-    quantize_model(tmp_path / "gemma", tmp_path / "g", progress=False)
+    quantize_model(tmp_path / "gemma", tmp_path / "g", options=Options(fold="all"), progress=False)
     qc = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
     assert "folds" not in qc and qc["col_scale"] is True
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "g")
@@ -118,10 +124,11 @@ def test_bert_folds_only_value_into_output(tmp_path) -> None:
 
 
 def test_an_outlier_free_default_exports_exactly(tmp_path) -> None:
-    """Folded and without outliers, every group carries over to compressed-tensors: no group is
-    solved again, and transformers gives the same logits."""
+    """Folded whole (``--fold all``) and without outliers, every group carries over to
+    compressed-tensors: no group is solved again, and transformers gives the same logits."""
     tiny_model("llama", tmp_path / "src")
-    quantize_model(tmp_path / "src", tmp_path / "q", QuantConfig(group_size=32, n_sigma=None), progress=False)
+    exact = QuantConfig(group_size=32, n_sigma=None)
+    quantize_model(tmp_path / "src", tmp_path / "q", exact, Options(fold="all"), progress=False)
     report = export_compressed_tensors(tmp_path / "q", tmp_path / "ct", progress=False)
     assert report.requantized == 0 and report.col_scaled == 0 and report.groups > 0
     with torch.inference_mode():
@@ -146,3 +153,12 @@ def test_damaged_fold_records_are_refused(tmp_path, folds, why) -> None:
     path.write_text(json.dumps(config))
     with pytest.raises(EasyQuantError, match=why):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+
+
+def test_compare_specs_take_a_fold_mode() -> None:
+    for mode in ("none", "rows", "all"):
+        resolve(f"easyquant:fold={mode}/group_size=128")
+    with pytest.raises(EasyQuantError, match="fold is one of none, rows, all"):
+        resolve("easyquant:fold=yes")
+    with pytest.raises(EasyQuantError, match="a bits budget is not folded"):
+        resolve("easyquant:fold=all/target_bpw=4.25")

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import easyquant  # noqa: F401  (registers the loader)
 from conftest import claim_format, heavy_tailed, loads_like_memory, module_matches, per_weight
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
+from easyquant.checkpoint.format import FORMAT_VERSION
 from easyquant.core.grid import Grid
 from easyquant.core.groups import to_groups
 from easyquant.core.objective import Objective
@@ -119,7 +120,7 @@ def test_shards_keep_the_zero_shift():
 
 def test_checkpoint_is_format_6_and_loads_with_the_in_memory_logits(tmp_path):
     qc, shard, _, _ = loads_like_memory(tmp_path, replace(FRACTIONAL, group_size=32))
-    assert qc["fractional_zero"] is True and qc["format_version"] == 6
+    assert qc["fractional_zero"] is True and qc["format_version"] == FORMAT_VERSION
     model = transformers.AutoModelForCausalLM.from_pretrained(shard.parent)
     lin = next(m for m in model.modules() if isinstance(m, EasyQuantLinear))
     assert lin.zero_shift == 4 and isinstance(lin.quantized_weight(), QuantizedWeight)

@@ -174,15 +174,22 @@ def test_asymmetric_checkpoint_exports_as_q4_1(tmp_path, tokenizer_dir, fraction
     assert (got - want).abs().mean() < 3e-4
 
 
-def test_the_default_checkpoint_exports_with_every_block_solved_again(tmp_path, tokenizer_dir) -> None:
-    """The default (dual-axis: a scale per input column, outliers) exports: GGUF has no column
-    scales, so every block is solved again from the checkpoint's weights, each matrix within its
-    4-bit rounding of the checkpoint's; the file loads with logits about as near the source
-    model's as the checkpoint's own."""
-    ckpt = _tiny_checkpoint("llama", tmp_path, tokenizer_dir, QuantConfig(group_size=32))
-    assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["col_scale"] is True
+@pytest.mark.parametrize("fold", ["all", "rows"])
+def test_the_default_checkpoint_exports(tmp_path, tokenizer_dir, fold) -> None:
+    """The default (column scales, outliers) exports. Folded whole (``--fold all``), its codes
+    carry over and only the blocks holding outliers are solved again; the default folds only
+    o_proj's and down_proj's, and GGUF has no place for the other column scales, so the
+    blocks of q/k/v and gate/up are solved again from the checkpoint's weights. Either way each
+    matrix is within its 4-bit rounding of the checkpoint's, and the file loads with logits
+    about as near the source model's as the checkpoint's own."""
+    ckpt = _tiny_checkpoint("llama", tmp_path, tokenizer_dir, QuantConfig(group_size=32), Options(fold=fold))
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert qc["col_scale"] is True and len(qc["folds"]) == (8 if fold == "all" else 4)
     report = export_gguf(ckpt, tmp_path / "m.gguf", dense="f32", progress=False)
-    assert report.requantized == report.blocks > 0 and set(report.quantized.values()) == {"Q4_0"}
+    assert set(report.quantized.values()) == {"Q4_0"} and report.blocks > 0
+    outliers = sum(m["outliers"] for m in qc["modules"].values())
+    plain = sum(64 * 64 // 32 + 96 * 64 // 32 for _ in range(2))  # o_proj and down_proj, 2 layers: 32-weight blocks
+    assert 0 < report.requantized <= outliers + (0 if fold == "all" else report.blocks - plain)
     model = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
     w = model.model.layers[0].mlp.down_proj.quantized_weight().dequantize(torch.float32)
     (t,) = [t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors if t.name == "blk.0.ffn_down.weight"]

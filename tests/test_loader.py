@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import easyquant  # noqa: F401  (registers the loader)
 from conftest import heavy_tailed, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
+from easyquant.checkpoint.format import FORMAT_VERSION
 from easyquant.checkpoint.pipeline import quantize_model
 from easyquant.runtime.nn import EasyQuantLinear
 
@@ -57,7 +58,7 @@ Q = "model.layers.0.self_attn.q_proj"
         (lambda qc: qc.update(bits="4"), "bits must be an integer"),
         (lambda qc: qc.update(bits=9), "bits must be an integer"),
         (lambda qc: qc.update(group_size=0), "group_size must be"),
-        (lambda qc: qc.update(format_version=7), "format 7; upgrade"),
+        (lambda qc: qc.update(format_version=FORMAT_VERSION + 1), f"format {FORMAT_VERSION + 1}; upgrade"),
         (lambda qc: qc.update(format_version="1"), "format_version must be"),
         (lambda qc: qc.update(n_sigma="3"), "quantization_config: "),
         (lambda qc: qc["modules"][Q].update(outliers=-1), "modules must map"),

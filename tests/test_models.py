@@ -13,29 +13,24 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import easyquant  # noqa: F401  (registers the loader)
-from conftest import CONFIGS, MOE_CONFIGS, check, tiny_model
+from conftest import CONFIGS, MOE_CONFIGS, check, quantized_in_memory, tiny_model
 from easyquant import EasyQuantError, QuantConfig, quantize_weight
+from easyquant.checkpoint.format import FORMAT_VERSION
 from easyquant.checkpoint.pipeline import Options, quantize_model
+from easyquant.checkpoint.targets import block_linears, expert_matrices
 from easyquant.runtime.nn import EasyQuantExperts, EasyQuantLinear
 
 
 def dequantized_copy(model, folder_out, config: QuantConfig):
-    """The reference: the same model with each quantized weight replaced by dequantize(); an
-    experts parameter expert by expert (as (out, in) matrices: transposed layouts turned)."""
+    """The reference: the same model with each weight the checkpoint lists replaced by its
+    dequantized self (experts one by one, transposed layouts turned; column scales folded as
+    the run folds them)."""
     modules = json.loads((folder_out / "config.json").read_text())["quantization_config"]["modules"]
     ref = type(model)(model.config).eval()
     ref.load_state_dict(model.state_dict())
-    for name, info in modules.items():
-        mod = ref.get_submodule(name)
-        if isinstance(info["outliers"], int):
-            mod.weight.data = quantize_weight(mod.weight.data, config, name=name).dequantize()
-            continue
-        for param in info["outliers"]:
-            w = getattr(mod, param).data
-            for e in range(w.shape[0]):
-                m = w[e].T if mod.is_transposed else w[e]
-                d = quantize_weight(m.contiguous(), config).dequantize()
-                w[e] = d.T if mod.is_transposed else d
+    quantized_in_memory(ref, config)
+    listed = {n for n, _ in block_linears(ref)} | {m.rsplit(".", 1)[0] for m, _ in expert_matrices(ref)}
+    assert listed == set(modules)
     return ref
 
 
@@ -51,7 +46,7 @@ def test_quantize_save_load_generate(kind, tmp_path):
         qc["quant_method"] == "easyquant"
         and qc["bits"] == 4
         and qc["group_size"] == 32
-        and qc["format_version"] == 6  # compact row pointers
+        and qc["format_version"] == FORMAT_VERSION  # compact row pointers (6), folds (7)
     )
     assert "lm_head" not in qc["modules"]
 

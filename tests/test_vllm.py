@@ -80,12 +80,18 @@ def _tiny(kind: str, folder: Path) -> None:
     model.save_pretrained(folder)
 
 
+FOLD_ALL = Options(fold="all")
 CASES = {
     "llama-default": ("llama", QuantConfig(), 1, Options()),
     "llama-default-tp2": ("llama", QuantConfig(), 2, Options()),
     "qwen2-3bit-g32-bias-tp2": ("qwen2", QuantConfig(bits=3, group_size=32, outlier_scope="row"), 2, Options()),
-    # column scales are on by default: this case is asymmetric and dual-axis, in groups of 32
-    "llama-asymmetric-col-scale-g32-tp2": ("llama", QuantConfig(group_size=32, asymmetric=True), 2, Options()),
+    # asymmetric, in groups of 32, every column scale folded (the norms written scaled)
+    "llama-asymmetric-fold-all-g32-tp2": (
+        "llama",
+        QuantConfig(group_size=32, asymmetric=True),
+        2,
+        Options(fold="all"),
+    ),  # fmt: skip
     "qwen2-target-bpw-tp2": ("qwen2", QuantConfig(group_size=32, n_sigma=3.0), 2, Options(target_bpw=4.5)),
 }
 
@@ -125,7 +131,8 @@ def test_vllm_matches_transformers_on_tiny_models(served, name) -> None:
     """tp=2: vLLM's own tensor parallelism (two CPU workers): q/k/v and gate/up cut by rows, o and
     down by columns, the one KV head replicated on both ranks. Dual-axis q/k/v and gate/up, each
     with column scales of its own, run as separate shards of the fused layer; so do shards with
-    bits or groups of their own (--target-bpw)."""
+    bits or groups of their own (--target-bpw); folded ones (v_proj's rows scaled for o_proj,
+    and with ``--fold all`` the norms) run stacked, as plain weights."""
     case, options = served["cases"][name], CASES[name][3]
     if options.target_bpw:
         assert len({(r["bits"], r["group_size"]) for r in case["summary"].layers}) > 1

@@ -40,7 +40,9 @@ class Options:
     include: tuple[str, ...] = ()
     max_shard_bytes: int = 2 * 1024**3
     target_bpw: float | None = None  # a setting per module (easyquant.core.allocate) within this budget
-    fold: bool = True  # column scales folded into the model where its graph allows (easyquant.core.fold)
+    # Column scales folded into the model where its graph allows (easyquant.core.fold: none, rows,
+    # all); not under a bits budget, whose plan is scored on the weights as they are.
+    fold: str = "rows"
 
 
 def quantization_config_dict(

@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 
 from ..core.allocate import plan as plan_settings
-from ..core.fold import Folding, solve_folds
+from ..core.fold import FOLD_MODES, Fold, Folding, chosen, solve_folds
 from ..core.quantize import QuantConfig
 from ..errors import EasyQuantError
 from ..progress import progress_bar
@@ -93,6 +93,8 @@ def quantize_model(
     ``overwrite`` replaces an easyquant checkpoint or unfinished run in ``out``; a folder holding
     anything else is never deleted.
     """
+    if options is not None and options.fold not in FOLD_MODES:
+        raise EasyQuantError(f"fold must be one of {', '.join(FOLD_MODES)}, got {options.fold!r}")
     if executor not in EXECUTORS:
         raise EasyQuantError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     config, options = config or QuantConfig(), options or Options()
@@ -153,12 +155,12 @@ def _module_configs(
     return {t.module: QuantConfig(**stored[t.module]) for t in targets}
 
 
-def _folding(work: Path, source: Source, plan: Plan, configs: dict[str, QuantConfig], progress: bool) -> Folding:
-    """The folds of the model's column scales (those whose readers have column scales), solved
+def _folding(work: Path, source: Source, folds: list[Fold], configs: dict[str, QuantConfig], progress: bool) -> Folding:
+    """``folds`` of the model's column scales (those whose readers have column scales), solved
     once and kept in the work folder, so that a resumed run quantizes with the same scales."""
     path = work / FOLDS
     if not path.is_file():
-        folds = [f for f in plan.folds if all(configs[r].col_scale for r in f.readers)]
+        folds = [f for f in folds if all(configs[r].col_scale for r in f.readers)]
         with progress_bar(total=len(folds), unit="fold", desc="folding", disable=not progress or not folds) as bar:
             folding = solve_folds(folds, lambda key: source.tensors[key].load(), configs, bar.update)
         entries = [(f"{kind}:{m}", t) for m, pair in folding.scales.items() for kind, t in zip("rc", pair, strict=True)]
@@ -194,7 +196,9 @@ def _quantize_into(
     plan = find_targets(source, options.skip, options.include)
     targets = plan.targets
     configs = _module_configs(work, targets, config, options.target_bpw, progress)
-    folding = _folding(work, source, plan, configs, progress) if options.fold else Folding()
+    # Under a bits budget the plan was scored on unfolded weights, and folding would move its outlier counts.
+    fold = options.fold if options.target_bpw is None else "none"
+    folding = _folding(work, source, chosen(plan.folds, fold), configs, progress)
     todo = [
         (t, _unit_path(work, t), configs[t.module], folding.of(t.module))
         for t in targets

@@ -26,9 +26,14 @@ import torch
 
 from .grid import to_fp16_grid
 from .outliers import sigma_mask
-from .quantize import QuantConfig, quantize_weight
+from .quantize import QuantConfig, quantize_weight, validate_weight
 from .qweight import QuantizedWeight
 from .sinkhorn import column_scales
+
+# Which folds a run makes: none, the rows of the linear before (v_proj -> o_proj, up_proj ->
+# down_proj: no shared scale, lower KL than column scales at run time on SmolLM2), or also the
+# norms (q/k/v and gate/up then share one scale: every weight plain, at a KL cost).
+FOLD_MODES = ("none", "rows", "all")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,11 @@ class Fold:
     bias: bool = False  # whether ``into`` has a bias (scaled with it)
     repeat: int = 1
     head_dim: int = 1
+
+
+def chosen(folds: list[Fold], mode: str) -> list[Fold]:
+    """The folds a run in ``mode`` (one of :data:`FOLD_MODES`) makes."""
+    return [f for f in folds if mode == "all" or (mode == "rows" and f.rows)]
 
 
 # A module's fold: the multiplier of its output rows and the divisor of its input columns (either may be None).
@@ -75,11 +85,14 @@ def _keep(w: torch.Tensor, config: QuantConfig) -> torch.Tensor:
 
 
 def shared_scales(weights: list[torch.Tensor], configs: list[QuantConfig]) -> torch.Tensor:
-    """One column scale per input for matrices that read the same input: Sinkhorn over their rows
-    stacked, in tiles of the smallest group any of them uses."""
-    group = min(c.group_size or w.shape[1] for w, c in zip(weights, configs, strict=True))
-    keep = torch.cat([_keep(w, c) for w, c in zip(weights, configs, strict=True)])
-    return _balanced(column_scales(torch.cat([w.float() for w in weights]), keep, group))
+    """One column scale per input for matrices that read the same input: the geometric mean of
+    each one's own scales (Sinkhorn over the rows of all of them stacked, and the mean of their
+    logs over their norms, both had a higher KL on SmolLM2: RESULTS.md, "Folding column scales")."""
+    logs = [
+        column_scales(w.float(), _keep(w, c), c.group_size or w.shape[1]).float().log()
+        for w, c in zip(weights, configs, strict=True)
+    ]
+    return _balanced(torch.stack(logs).mean(0).exp())
 
 
 def tied_scales(w: torch.Tensor, config: QuantConfig, repeat: int, head_dim: int) -> torch.Tensor:
@@ -111,17 +124,23 @@ def solve_folds(
     each reader's settings). Row folds first: a norm's readers (v_proj, up_proj) may be
     scaled by the next layer's fold, and their shared scale is solved on the scaled weights."""
     out = Folding()
+
+    def weight(module: str) -> torch.Tensor:
+        w = load(f"{module}.weight")
+        validate_weight(w, f"{module}.weight")  # before any scale is solved on it
+        return w
+
     for fold in sorted(folds, key=lambda f: not f.rows):
         if fold.rows:
             (reader,) = fold.readers
-            u = tied_scales(load(f"{reader}.weight"), configs[reader], fold.repeat, fold.head_dim)
+            u = tied_scales(weight(reader), configs[reader], fold.repeat, fold.head_dim)
             out.scales[reader] = (out.of(reader)[0], expand(u, fold.repeat, fold.head_dim))
             out.scales[fold.into] = (u, out.of(fold.into)[1])
         else:
             weights = []
             for r in fold.readers:
                 rows = out.of(r)[0]
-                w = load(f"{r}.weight")
+                w = weight(r)
                 weights.append(w if rows is None else w.float() * rows[:, None])
             u = shared_scales(weights, [configs[r] for r in fold.readers])
             for r in fold.readers:
@@ -161,6 +180,7 @@ def quantize_folded(w: torch.Tensor, config: QuantConfig, scales: Scales, name: 
     rows, cols = scales
     if rows is None and cols is None:
         return quantize_weight(w, config, name=name)
+    validate_weight(w, name)  # as it is, not as folded
     weight = None if cols is None else cols.float().pow(config.col_power * config.objective_p)
     own = config.col_scale and cols is None  # a fold of the rows alone leaves the columns' own scales
     qw = quantize_weight(folded_weight(w, scales), replace(config, col_scale=own), weight, name)

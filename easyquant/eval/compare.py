@@ -30,7 +30,7 @@ from ..checkpoint.folds import find_folds
 from ..checkpoint.pipeline import MIN_QUANTIZED_SHARE
 from ..checkpoint.targets import block_linears, expert_matrices
 from ..core.allocate import Choice, choose, menu, score
-from ..core.fold import Folding, quantize_folded, solve_folds, unfolded_weight
+from ..core.fold import FOLD_MODES, Folding, chosen, quantize_folded, solve_folds, unfolded_weight
 from ..core.quantize import QuantConfig, quantize_weight
 from ..core.qweight import QuantizedWeight
 from ..errors import EasyQuantError
@@ -84,17 +84,17 @@ def _per_layer(fn: PerLayer) -> Method:
     return run
 
 
-def easyquant_method(fold: bool = False, **kw: object) -> Method:
-    """easyquant with settings ``kw``; ``fold``: column scales folded into the model where it
-    allows (:mod:`easyquant.core.fold`), as ``easyquant quantize`` does. The model keeps its
-    norms: each folded linear holds its weight unfolded, which computes the same."""
+def easyquant_method(fold: str = "rows", **kw: object) -> Method:
+    """easyquant with settings ``kw``, column scales folded into the model as ``easyquant
+    quantize --fold`` folds them (:mod:`easyquant.core.fold`). The model keeps its norms:
+    each folded linear holds its weight unfolded, which computes the same."""
 
     def run(model: nn.Module, linears: Linears, bits: int, calib: torch.Tensor) -> Quantized:
         config = QuantConfig(bits=bits, **kw)
         folding = Folding()
-        if fold and config.col_scale:
+        if config.col_scale:
             names = {name for name, _ in linears}
-            folds = find_folds(model, names.__contains__)
+            folds = chosen(find_folds(model, names.__contains__), fold)
             folding = solve_folds(folds, lambda key: model.get_parameter(key).data, dict.fromkeys(names, config))
 
         def one(name: str, w: torch.Tensor, bits: int) -> tuple[torch.Tensor, float, int, QuantizedWeight]:
@@ -205,18 +205,18 @@ def resolve(name: str, scores: Scores | None = None) -> Method:
             pairs = [item.split("=", 1) for item in spec.split("/")]
             if any(len(p) != 2 for p in pairs):
                 raise ValueError("settings are key=value, separated by /")
-            kw = {k: _value(v) for k, v in pairs}
+            kw = {k: v if k == "fold" else _value(v) for k, v in pairs}  # fold=none is a mode, not None
             unknown = [k for k in kw if k not in settings]
             if unknown:
                 raise ValueError(f"unknown setting {unknown[0]!r}; settings are {', '.join(settings)}")
             QuantConfig(**{k: v for k, v in kw.items() if k not in ("target_bpw", "fold")})  # fail here, naming it
-            if not isinstance(kw.get("fold", False), bool):
-                raise ValueError("fold is true or false")
+            if kw.get("fold", "rows") not in FOLD_MODES:
+                raise ValueError(f"fold is one of {', '.join(FOLD_MODES)}")
         except (ValueError, TypeError) as e:
             raise EasyQuantError(f"method {name!r}: {e}") from None
         target = kw.pop("target_bpw", None)
-        if target is not None and kw.pop("fold", False):
-            raise EasyQuantError(f"method {name!r}: fold is not offered with target_bpw in compare")
+        if target is not None and kw.pop("fold", "none") != "none":
+            raise EasyQuantError(f"method {name!r}: a bits budget is not folded (as easyquant quantize)")
         return easyquant_method(**kw) if target is None else target_method(float(target), scores, **kw)
     raise EasyQuantError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or easyquant:key=value/...")
 

@@ -104,8 +104,8 @@ class CtReport:
             notes.append(
                 f"re-solved {self.requantized} of {self.groups} groups ({share:.2%}): the format has no place for "
                 f"{self.outliers} fp16 outliers, {self.col_scaled} weights' column scales or {self.fractional} "
-                "weights' fractional zero points; quantize with --no-outliers --no-col-scale (and without "
-                "--fractional-zero) for an exact export"
+                "weights' fractional zero points; quantize with --no-outliers --fold all (or --no-col-scale; "
+                "and without --fractional-zero) for an exact export"
             )
         if any(s.bits != 4 for s in self.schemes.values()):
             notes.append("vLLM's int4 kernels serve 4-bit weights only; transformers reads any width")

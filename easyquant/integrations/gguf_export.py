@@ -363,8 +363,9 @@ def export_gguf(
     report.nbytes = out.stat().st_size
     if report.requantized:
         report.notes.append(
-            "blocks holding fp16 outliers cannot be stored exactly in GGUF; for an exact export quantize with "
-            "--group-size 32 --no-outliers (any group size that is a multiple of 32 keeps the other blocks exact)"
+            "blocks holding fp16 outliers or under column scales cannot be stored exactly in GGUF; for an exact "
+            "export quantize with --group-size 32 --no-outliers --fold all (or --no-col-scale; any group size that "
+            "is a multiple of 32 keeps the other blocks exact)"
         )
     return report
 
