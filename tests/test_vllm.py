@@ -81,17 +81,13 @@ def _tiny(kind: str, folder: Path) -> None:
 
 
 FOLD_ALL = Options(fold="all")
+FOLD_ALL = Options(fold="all")
 CASES = {
     "llama-default": ("llama", QuantConfig(), 1, Options()),
     "llama-default-tp2": ("llama", QuantConfig(), 2, Options()),
     "qwen2-3bit-g32-bias-tp2": ("qwen2", QuantConfig(bits=3, group_size=32, outlier_scope="row"), 2, Options()),
     # asymmetric, in groups of 32, every column scale folded (the norms written scaled)
-    "llama-asymmetric-fold-all-g32-tp2": (
-        "llama",
-        QuantConfig(group_size=32, asymmetric=True),
-        2,
-        Options(fold="all"),
-    ),  # fmt: skip
+    "llama-asymmetric-fold-all-g32-tp2": ("llama", QuantConfig(group_size=32, asymmetric=True), 2, FOLD_ALL),
     "qwen2-target-bpw-tp2": ("qwen2", QuantConfig(group_size=32, n_sigma=3.0), 2, Options(target_bpw=4.5)),
 }
 
