@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from workloads import format_table, quiet_transformers, trial_meta, write_report
 
-from easyquant import QuantConfig
+from easyquant import Options, QuantConfig
 from easyquant.checkpoint.pipeline import quantize_model
 from easyquant.checkpoint.source import source_note
 from easyquant.eval.assets import news_text, smollm2_gguf
@@ -42,12 +42,14 @@ from easyquant.integrations.ggml_blocks import Q8_0
 from easyquant.integrations.gguf_export import Layout, export_gguf
 
 RECIPES = {
-    "easyquant default (g64, 4 sigma outliers, column scales)": QuantConfig(),
-    "easyquant per channel, 3 sigma outliers": QuantConfig(**PER_CHANNEL),
-    "easyquant g32, 3 sigma outliers": QuantConfig(**PER_CHANNEL | {"group_size": 32}),
-    "easyquant g32, no outliers": QuantConfig(**PER_CHANNEL | {"group_size": 32, "n_sigma": None}),
-    "easyquant g32, no outliers, p=2": QuantConfig(**PER_CHANNEL | {"group_size": 32, "n_sigma": None, "p": 2.0}),
-}
+    "easyquant default (g64, 4 sigma outliers, column scales, --fold rows)": (QuantConfig(), Options()),
+    "easyquant folded default (--fold all: no column scale at run time)": (QuantConfig(), Options(fold="all")),
+    "easyquant per channel, 3 sigma outliers": (QuantConfig(**PER_CHANNEL), Options()),
+    "easyquant g32, 3 sigma outliers": (QuantConfig(**PER_CHANNEL | {"group_size": 32}), Options()),
+    "easyquant g32, no outliers": (QuantConfig(**PER_CHANNEL | {"group_size": 32, "n_sigma": None}), Options()),
+    "easyquant g32, no outliers, p=2": (QuantConfig(**PER_CHANNEL | {"group_size": 32, "n_sigma": None, "p": 2.0}),
+                                        Options()),
+}  # fmt: skip
 
 
 def llama_cpp_q4_0(template: Path, out: Path, reference: torch.nn.Module) -> None:
@@ -85,7 +87,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=40)
     ap.add_argument("--out", type=Path, default=Path("bench/results/gguf"))
-    ap.add_argument("--recipes", default=None, help="the recipes' second words: default, per, g32 (default: all)")
+    ap.add_argument("--recipes", default=None, help="the recipes' second words: default, folded, per, g32 (or all)")
     ap.add_argument("--llama-cpp-python", type=Path, default=None, help="a Python with llama-cpp-python")
     a = ap.parse_args()
     recipes = {k: v for k, v in RECIPES.items() if a.recipes is None or k.split()[1] in a.recipes.split(",")}
@@ -105,9 +107,9 @@ def main() -> None:
     row("reference (dequantized Q4_1 source)", ref_model, 32.0, 0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for i, (name, config) in enumerate(recipes.items()):
+        for i, (name, (config, options)) in enumerate(recipes.items()):
             ckpt = tmp / f"ckpt{i}"
-            summary = quantize_model(src, ckpt, config, progress=False)
+            summary = quantize_model(src, ckpt, config, options, progress=False)
             size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
             row(f"{name}: checkpoint", load_causal_lm(ckpt)[0], summary.bits_per_weight, size)
             report = export_gguf(ckpt, tmp / f"q{i}.gguf", tokenizer_from=src, progress=False)

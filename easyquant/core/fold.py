@@ -86,8 +86,8 @@ def _keep(w: torch.Tensor, config: QuantConfig) -> torch.Tensor:
 
 def shared_scales(weights: list[torch.Tensor], configs: list[QuantConfig]) -> torch.Tensor:
     """One column scale per input for matrices that read the same input: the geometric mean of
-    each one's own scales (Sinkhorn over the rows of all of them stacked, and the mean of their
-    logs over their norms, both had a higher KL on SmolLM2: RESULTS.md, "Folding column scales")."""
+    each one's own scales (one Sinkhorn over the rows of all of them stacked had a higher KL on
+    SmolLM2: RESULTS.md, "Folding column scales")."""
     logs = [
         column_scales(w.float(), _keep(w, c), c.group_size or w.shape[1]).float().log()
         for w, c in zip(weights, configs, strict=True)
