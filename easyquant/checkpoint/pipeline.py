@@ -225,7 +225,7 @@ def _quantize_into(
         atomic_write_bytes(out / f, (source.folder / f).read_bytes())
     atomic_write_bytes(out / SUMMARY, summary.markdown().encode())
     model_config = source.config
-    folds = [f for f in plan.folds if f.readers[0] in folding.scales]
+    folds = [f for f in plan.folds if all(folding.of(r)[1] is not None for r in f.readers)]  # the ones made
     model_config["quantization_config"] = quantization_config_dict(
         config, options, targets, summary.layers, options.target_bpw is not None, folds
     )
