@@ -157,13 +157,15 @@ def test_checkpoint_loads_with_the_in_memory_logits(tmp_path):
     qc, shard, tensors, summary = loads_like_memory(tmp_path, cfg)
     out = shard.parent
     assert qc["col_scale"] is True and qc["format_version"] == FORMAT_VERSION
-    assert sum(k.endswith(".col_scales") for k in tensors) == len(summary.layers)
+    folded = [m for m, info in qc["modules"].items() if info.get("col_scale") is False]
+    assert len(folded) == 4 and all(m.endswith(("o_proj", "down_proj")) for m in folded)  # the default: --fold rows
+    assert sum(k.endswith(".col_scales") for k in tensors) == len(summary.layers) - len(folded)
     fp32 = transformers.AutoModelForCausalLM.from_pretrained(out).eval()  # logits checked above
     x = torch.randint(0, 128, (2, 12))
     with torch.no_grad():  # in bf16, through the CPU int4 kernel
         bf16 = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
-        lin = bf16.model.layers[0].mlp.down_proj
-        assert lin.col_scale and lin.path(torch.zeros(1, 96, dtype=torch.bfloat16)) == "int4"
+        lin = bf16.model.layers[0].mlp.up_proj
+        assert lin.col_scale and lin.path(torch.zeros(1, 64, dtype=torch.bfloat16)) == "int4"
         torch.testing.assert_close(bf16(x).logits.float(), fp32(x).logits, rtol=0.1, atol=0.1)
 
     name = next(k for k in tensors if k.endswith(".col_scales"))
@@ -177,8 +179,8 @@ def test_checkpoint_loads_with_the_in_memory_logits(tmp_path):
     with pytest.raises(EasyQuantError, match=rf"no tensor {name}"):
         transformers.AutoModelForCausalLM.from_pretrained(out)
     save_file(tensors, shard, metadata={"format": "pt"})
-    claim_format(out, 2)
-    with pytest.raises(EasyQuantError, match="these settings need format_version 3"):
+    claim_format(out, 2)  # folded (format 7), and dual-axis (3)
+    with pytest.raises(EasyQuantError, match="these settings need format_version 7"):
         transformers.AutoModelForCausalLM.from_pretrained(out)
 
 
