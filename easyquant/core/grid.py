@@ -5,7 +5,7 @@ every one of the 2^k codes is used, and it is the grid that int4 kernels and for
 (Marlin, compressed-tensors ``pack-quantized``) already serve. Its one asymmetry (one more
 negative level) is turned into a gain rather than a loss: each row's scale carries a sign,
 chosen so that the row's largest-magnitude weight falls on the longer, negative side
-(:func:`orient`). The paper prints [-7, 8], the mirror image of the same grid.
+(:func:`oriented`). The paper prints [-7, 8], the mirror image of the same grid.
 
 The asymmetric option uses the unsigned grid ``[0, 2^k - 1]`` with an integer zero point
 ``z`` per row or group: ``w = scale * (u - z)``. It fits rows whose kept weights are not
@@ -85,38 +85,36 @@ class Grid:
         return scale * (self.affine_codes(w, scale, zero) - zero)
 
 
-def orient(w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Per row, +1 or -1 so that ``sign * w`` has its largest-magnitude kept weight negative.
-
-    With the sign folded into the scale, that weight lands on the grid's longer side
-    (``qmin``), which buys one more level where the row needs range most.
-    """
-    a = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
-    idx = a.abs().argmax(dim=1, keepdim=True)
-    peak = a.gather(1, idx).squeeze(1)
-    return torch.where(peak > 0, -1.0, 1.0).to(w.dtype)
-
-
-def initial_scale(w: torch.Tensor, keep: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """The max-abs scale of oriented rows: the smallest step that clips no kept weight.
-
-    Rows with nothing to quantize (all zero, or all outliers) get scale 1; their codes are 0.
-    """
-    zero = torch.zeros((), dtype=w.dtype, device=w.device)
-    neg = torch.where(keep, -w, zero).amax(dim=1).clamp_min(0) / -grid.qmin
-    pos = torch.where(keep, w, zero).amax(dim=1).clamp_min(0) / grid.qmax
-    s = torch.maximum(neg, pos)
-    return torch.where(s > 0, s, torch.ones_like(s)).clamp_min(FP16_TINY)
-
-
 def oriented(
     w: torch.Tensor, keep: torch.Tensor, grid: Grid, turn: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What every range solver starts from: rows ``w`` turned by :func:`orient` (``turn``; else
-    as they are), the signs that turned them, and their max-abs scales (:func:`initial_scale`)."""
-    sign = orient(w, keep) if turn else torch.ones(w.shape[0], dtype=w.dtype, device=w.device)
-    wo = w * sign[:, None]
-    return wo, sign, initial_scale(wo, keep, grid)
+    """What every range solver starts from: rows ``w`` turned (``turn``; else as they are) so that
+    each row's largest-magnitude kept weight is negative, the signs (+1 or -1) that turned them,
+    and their max-abs scales: the smallest steps that clip no kept weight.
+
+    With the sign folded into the scale, a row's largest weight lands on the grid's longer side
+    (``qmin``), which buys one more level where the row needs range most. Where the largest
+    positive and negative weights tie in magnitude, the first of them in the row decides (so that
+    negating a row negates its scale). Rows with nothing to quantize (all zero, or all outliers)
+    get scale 1; their codes are 0. One pass finds both ends of every row.
+    """
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    kept = torch.where(keep, w, zero)
+    lo, hi = kept.aminmax(dim=1)
+    up, down = hi.clamp_min(0), (-lo).clamp_min(0)
+    sign = torch.ones_like(up)
+    if turn:
+        sign = torch.where(up > down, -1.0, 1.0).to(w.dtype)
+        tie = (up == down) & (up > 0)
+        if bool(tie.any()):
+            rows = kept[tie]
+            peak = rows.gather(1, rows.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+            sign[tie] = torch.where(peak > 0, -1.0, 1.0).to(w.dtype)
+    turned = sign < 0  # the longer (negative) side takes what was the positive end
+    longer, shorter = torch.where(turned, up, down), torch.where(turned, down, up)
+    s = torch.maximum(longer / -grid.qmin, shorter / grid.qmax)
+    s = torch.where(s > 0, s, torch.ones_like(s)).clamp_min(FP16_TINY)
+    return w * sign[:, None], sign, s
 
 
 def to_fp16_grid(s: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ class Objective:
     def error_cost(self, e: torch.Tensor) -> torch.Tensor:
         """``|e|^p`` as a new tensor, with the common integer norms spelled out (``pow`` is several
         times slower). Where no gradient is traced, ``e`` is used up (made ``|e|`` in place): every
-        caller passes an error it has just made, and one buffer less per call is measurably faster."""
+        caller passes an error it has just made."""
         if self.p == 2:
             return e.square()
         if e.requires_grad:
@@ -39,12 +39,32 @@ class Objective:
             return e.square().square_()
         return e.abs().pow_(self.p)
 
-    def loss(self, w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, grid: Grid) -> torch.Tensor:
-        """Per-row loss at per-row scales ``s`` (shape ``(rows,)``). Untraced, the error is made in
-        place, in one buffer: the solvers' scans evaluate this some 40 times per matrix."""
+    def loss(
+        self,
+        w: torch.Tensor,
+        c: torch.Tensor,
+        s: torch.Tensor,
+        grid: Grid,
+        work: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Per-row loss at per-row scales ``s`` (shape ``(rows,)``). Untraced, it is computed in
+        steps of the grid, ``|s|^p sum_j c_j |q_j - w_j / s|^p``, in the two buffers ``work`` (each
+        ``w``'s shape; made if not given): the solvers evaluate it some twenty times per matrix,
+        and on a CPU a fresh temporary the size of the rows costs more in page faults than the
+        arithmetic on it."""
         if s.requires_grad:
             return self.weighted(grid.fake_quant(w, s[:, None]) - w, c)
-        return self.weighted(grid.codes_(w / s[:, None]).mul_(s[:, None]).sub_(w), c)
+        r, d = work if work is not None else (torch.empty_like(w), torch.empty_like(w))
+        torch.div(w, s[:, None], out=r)
+        torch.round(r, out=d).clamp_(grid.qmin, grid.qmax).sub_(r)  # the error in steps; r is free now
+        if self.p == 2:
+            cost = d.square_().mul_(c)
+        elif self.p == 3:
+            torch.mul(d.abs_(), c, out=r)
+            cost = d.square_().mul_(r)
+        else:
+            cost = d.abs_().pow_(self.p).mul_(c)
+        return cost.sum(dim=1) * s.abs().pow(self.p)
 
     def affine_loss(
         self, w: torch.Tensor, c: torch.Tensor, s: torch.Tensor, m: torch.Tensor, grid: Grid

@@ -154,7 +154,7 @@ def outlier_mask(w: torch.Tensor, config: QuantConfig, name: str) -> torch.Tenso
     if config.n_sigma is None:
         return torch.zeros_like(w, dtype=torch.bool)
     mask = sigma_mask(w, config.n_sigma, config.outlier_scope)
-    frac = mask.float().mean().item()
+    frac = mask.count_nonzero().item() / mask.numel()
     if frac > config.max_outlier_fraction:
         raise EasyQuantError(
             f"{name}: n_sigma={config.n_sigma:g} ({config.outlier_scope}) makes {frac:.1%} of the weights outliers, "

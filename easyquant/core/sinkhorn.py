@@ -10,6 +10,8 @@ Each column lies in exactly one group, so per-group tiles still give one vector 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .grid import to_fp16_grid
@@ -79,30 +81,44 @@ def column_scales(w: torch.Tensor, keep: torch.Tensor, group_size: int) -> torch
     :func:`sinkhorn_scales` on each tile of ``group_size`` columns (the last one shorter where
     the group size does not divide the row), with the weights not kept (outliers) set to 0 so
     that they do not widen their columns' spread. Only the ratios between columns matter (the
-    row or group scales take the rest), so the matrix is first brought to unit spread."""
-    x = torch.where(keep, w.float(), torch.zeros((), device=w.device))
-    spread = x.std()
-    x = x / spread if spread > 0 else x  # Sinkhorn's clamps are set for weights of unit spread
+    row or group scales take the rest), so the tiles are first brought to unit spread (the
+    standard deviation of the whole masked matrix, from the tiles' sums: no copy of the matrix
+    beyond the tiles themselves)."""
+    batches = column_tiles(w.float(), group_size, keep)
+    n = w.numel()
+    total = sum(float(t.sum()) for _, t in batches)
+    squares = sum(float(torch.linalg.vector_norm(t)) ** 2 for _, t in batches)
+    spread = math.sqrt(max(squares - total * total / n, 0.0) / (n - 1)) if n > 1 else 0.0
     parts = []
-    for span, tiles in column_tiles(x, group_size):
+    for span, tiles in batches:
         if min(tiles.shape[1:]) < 2:  # no spread to even out
-            parts.append(x.new_ones(span.stop - span.start))
-        else:
-            parts.append(sinkhorn_scales(tiles)[0].reshape(-1))
+            parts.append(tiles.new_ones(span.stop - span.start))
+            continue
+        if spread > 0:  # Sinkhorn's clamps are set for weights of unit spread
+            tiles.div_(spread)
+        parts.append(sinkhorn_scales(tiles)[0].reshape(-1))
     return to_fp16_grid(torch.cat(parts))
 
 
-def column_tiles(x: torch.Tensor, group_size: int) -> list[tuple[slice, torch.Tensor]]:
+def column_tiles(
+    x: torch.Tensor, group_size: int, keep: torch.Tensor | None = None
+) -> list[tuple[slice, torch.Tensor]]:
     """``(rows, cols)`` cut into tiles of ``group_size`` columns, in contiguous batches
     ``(tiles, rows, width)`` of at most about ``elements`` weights (at least one tile), with a
     shorter last tile on its own where the size does not divide the row; each batch with the
-    columns it covers. Tiles are independent (a batch's size changes at most the rounding of the
-    matrix products); batches that fit in cache (:func:`~easyquant.core.groups.block_elements`)
-    make Sinkhorn's repeated passes over them faster on a CPU."""
+    columns it covers, a copy (``keep``: with the weights not kept set to 0). Tiles are
+    independent (a batch's size changes at most the rounding of the matrix products); batches
+    that fit in cache (:func:`~easyquant.core.groups.block_elements`) make Sinkhorn's repeated
+    passes over them faster on a CPU."""
     rows, cols = x.shape
     elements = block_elements(x.device)
     full = cols // group_size * group_size
     per_batch = max(1, elements // (rows * group_size)) * group_size
     spans = [(slice(a, min(a + per_batch, full)), group_size) for a in range(0, full, per_batch)]
     spans += [(slice(full, cols), cols - full)] if full < cols else []
-    return [(span, x[:, span].reshape(rows, -1, width).transpose(0, 1).contiguous()) for span, width in spans]
+
+    def tiles(span: slice, width: int) -> torch.Tensor:
+        part = x[:, span] if keep is None else torch.where(keep[:, span], x[:, span], 0.0)
+        return part.reshape(rows, -1, width).transpose(0, 1).contiguous()
+
+    return [(span, tiles(span, width)) for span, width in spans]
