@@ -72,7 +72,9 @@ def _work(w: torch.Tensor) -> Work:
     return torch.empty_like(w), torch.empty_like(w)
 
 
-def _scale_best(w: torch.Tensor, c: torch.Tensor, grid: Grid, objective: Objective, s: torch.Tensor, work: Work) -> _Best:
+def _scale_best(
+    w: torch.Tensor, c: torch.Tensor, grid: Grid, objective: Objective, s: torch.Tensor, work: Work
+) -> _Best:
     return _Best(lambda s: objective.loss(w, c, s, grid, work), lambda s: (to_fp16_grid(s),), s)
 
 
