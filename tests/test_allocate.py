@@ -3,6 +3,7 @@ modules each carry their own bits and group size (format 4), loaded and served."
 
 import itertools
 import json
+from dataclasses import fields
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from easyquant import EasyQuantError, QuantConfig, quantize_weight
 from easyquant.checkpoint.format import FORMAT_VERSION
 from easyquant.checkpoint.pipeline import Options, quantize_model
 from easyquant.cli import main
-from easyquant.core.allocate import Choice, allocate, menu, plan
+from easyquant.core.allocate import Choice, allocate, menu, plan, relative_error, score
+from easyquant.core.quantize import Shared
 
 choice = st.builds(Choice, bits=st.integers(1, 40).map(float), error=st.floats(0, 10))
 layers = st.lists(st.lists(choice, min_size=1, max_size=4), min_size=1, max_size=4)
@@ -58,6 +60,28 @@ def test_menu_spans_bits_groups_and_outliers():
         (2, None),
         (3, None),
     }
+
+
+@pytest.mark.parametrize(
+    "base", [QuantConfig(), QuantConfig(bits=3, group_size=None, n_sigma=3.0, outlier_scope="row")]
+)
+def test_settings_of_one_weight_share_mask_and_column_scales_exactly(base):
+    """Scoring the menu computes each outlier mask and Sinkhorn once per (outliers, group size),
+    not per bit width, and changes nothing: every quantized weight and every score is the one a
+    fresh call gives."""
+    w = heavy_tailed(48, 200, seed=5)
+    options = menu(base)
+    shared = Shared()
+    for config in options:
+        a, b = quantize_weight(w, config, shared=shared), quantize_weight(w, config)
+        for f in fields(a):
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, (config, f.name)
+    assert len(shared._masks) == len({c.n_sigma for c in options})
+    assert len(shared._scales) == len({(c.n_sigma, c.group_size) for c in options})
+    (row,) = score([("w", lambda: w)], options, progress=False)[0].values()
+    fresh = [relative_error(w, c, "w") for c in options]
+    assert row == [Choice(q.bits_per_weight * w.numel(), e * w.numel()) for q, e in fresh]
 
 
 def test_plan_gives_the_harder_layer_more_bits():

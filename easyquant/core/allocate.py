@@ -23,7 +23,7 @@ import torch
 from ..errors import EasyQuantError
 from ..progress import progress_bar
 from .grid import MAX_BITS, MIN_BITS
-from .quantize import QuantConfig, quantize_weight
+from .quantize import QuantConfig, Shared, quantize_weight
 from .qweight import QuantizedWeight
 
 
@@ -91,9 +91,12 @@ def allocate(layers: list[list[Choice]], budget: float) -> list[int]:
     return pick
 
 
-def relative_error(w: torch.Tensor, config: QuantConfig, name: str) -> tuple[QuantizedWeight, float]:
-    """``w`` quantized with ``config``, and its relative squared error."""
-    qw = quantize_weight(w, config, name=name)
+def relative_error(
+    w: torch.Tensor, config: QuantConfig, name: str, shared: Shared | None = None
+) -> tuple[QuantizedWeight, float]:
+    """``w`` quantized with ``config`` (``shared``: what other settings of ``w`` computed), and
+    its relative squared error."""
+    qw = quantize_weight(w, config, name=name, shared=shared)
     x = w.float()
     return qw, ((qw.dequantize(torch.float32) - x).square().sum() / x.square().sum().clamp_min(1e-30)).item()
 
@@ -110,9 +113,9 @@ def score(
     for name, load in progress_bar(weights, desc="allocating bits", unit="tensor", disable=not progress):
         w = load()
         total += w.numel()
-        row = []
+        row, shared = [], Shared()  # one outlier mask and Sinkhorn per (outliers, group size), not per bit width
         for c in options:
-            qw, err = relative_error(w, c, name)
+            qw, err = relative_error(w, c, name, shared)
             row.append(Choice(qw.bits_per_weight * w.numel(), err * w.numel()))
         if name in table:
             row = [Choice(a.bits + b.bits, a.error + b.error) for a, b in zip(table[name], row, strict=True)]

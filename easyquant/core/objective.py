@@ -49,7 +49,7 @@ class Objective:
     ) -> torch.Tensor:
         """Per-row loss at per-row scales ``s`` (shape ``(rows,)``). Untraced, it is computed in
         steps of the grid, ``|s|^p sum_j c_j |q_j - w_j / s|^p``, in the two buffers ``work`` (each
-        ``w``'s shape; made if not given): the solvers evaluate it some twenty times per matrix,
+        ``w``'s shape; made if not given): the search evaluates it some twenty times per block,
         and on a CPU a fresh temporary the size of the rows costs more in page faults than the
         arithmetic on it."""
         if s.requires_grad:

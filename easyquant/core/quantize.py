@@ -169,16 +169,42 @@ def outlier_mask(w: torch.Tensor, config: QuantConfig, name: str) -> torch.Tenso
     return mask
 
 
+class Shared:
+    """What quantizing one weight at several settings can share: the sigma rule's outlier mask
+    depends only on ``n_sigma`` and its scope, the column scales only on that mask and the group
+    size, neither on the bit width. Pass one to :func:`quantize_weight` for every setting of the
+    same weight (the bit budget scores twelve) and each is computed once; the results are the
+    very tensors a call without it computes."""
+
+    def __init__(self) -> None:
+        self._masks: dict[tuple, torch.Tensor] = {}
+        self._scales: dict[tuple, torch.Tensor] = {}
+
+    def mask(self, x: torch.Tensor, config: QuantConfig, name: str) -> torch.Tensor:
+        key = (config.n_sigma, config.outlier_scope, config.max_outlier_fraction)
+        if key not in self._masks:
+            self._masks[key] = outlier_mask(x, config, name)
+        return self._masks[key]
+
+    def col_scales(self, x: torch.Tensor, mask: torch.Tensor, config: QuantConfig, gs: int) -> torch.Tensor:
+        key = (config.n_sigma, config.outlier_scope, gs)
+        if key not in self._scales:
+            self._scales[key] = column_scales(x, ~mask, gs)
+        return self._scales[key]
+
+
 def quantize_weight(
     w: torch.Tensor,
     config: QuantConfig | None = None,
     col_weight: torch.Tensor | None = None,
     name: str = "weight",
+    shared: Shared | None = None,
 ) -> QuantizedWeight:
     """EasyQuant one ``(out_features, in_features)`` weight.
 
     ``col_weight`` (``(in_features,)``, non-negative) weighs each input column in the range
     objective, for example by the squared norm weights that scale the layer's inputs.
+    ``shared``: what earlier calls on the same ``w`` (and ``col_weight``) computed (:class:`Shared`).
     Computation runs in fp32 on ``w``'s device; the result is bit-identical for the same
     input and settings.
     """
@@ -188,7 +214,8 @@ def quantize_weight(
     gs = min(config.group_size or cols, cols)
     grid = Grid(config.bits)
     x = w.float()
-    mask = outlier_mask(x, config, name)
+    shared = shared or Shared()
+    mask = shared.mask(x, config, name)
 
     importance = torch.ones(cols, device=x.device)
     if col_weight is not None:
@@ -199,7 +226,7 @@ def quantize_weight(
         importance = col_weight.to(importance)
     t = None
     if config.col_scale:  # solve on the column-normalised x / t, column j weighted by t_j^(col_power * p)
-        t = column_scales(x, ~mask, gs)
+        t = shared.col_scales(x, mask, config, gs)
         importance = importance * t.pow(config.col_power * config.objective_p)
     step = block_elements(w.device)
     if config.outlier_rule == "savings" and bool(mask.any()):
