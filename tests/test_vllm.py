@@ -16,7 +16,6 @@ import torch
 import transformers
 
 import easyquant  # noqa: F401  (registers the transformers loader)
-from conftest import tiny_model
 from easyquant import QuantConfig
 from easyquant.checkpoint.pipeline import Options, quantize_model
 from easyquant.integrations.ct_export import export_compressed_tensors
@@ -71,8 +70,19 @@ def assert_same(got: dict, want: dict) -> None:
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=2e-3, rtol=1e-3)
 
 
+# Mixtures of experts: four experts, two per token; Qwen2-MoE with a shared expert beside them.
+MODELS = {
+    "llama": (transformers.LlamaConfig, {}),
+    "qwen2": (transformers.Qwen2Config, {}),
+    "mixtral": (transformers.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, {"num_experts": 4, "num_experts_per_tok": 2,
+                                                "moe_intermediate_size": 128, "shared_expert_intermediate_size": 256}),
+}  # fmt: skip
+
+
 def _tiny(kind: str, folder: Path) -> None:
-    config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[kind](**SIZES)
+    cls, extra = MODELS[kind]
+    config = cls(**SIZES, **extra)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # peaked logits: greedy choices far from ties, so kernels' rounding cannot flip them
@@ -81,30 +91,31 @@ def _tiny(kind: str, folder: Path) -> None:
 
 
 FOLD_ALL = Options(fold="all")
-FOLD_ALL = Options(fold="all")
+TP2, EP2 = {"tp": 2}, {"tp": 2, "ep": True}  # two CPU workers: tensor parallel; experts split between them
 CASES = {
-    "llama-default": ("llama", QuantConfig(), 1, Options()),
-    "llama-default-tp2": ("llama", QuantConfig(), 2, Options()),
-    "qwen2-3bit-g32-bias-tp2": ("qwen2", QuantConfig(bits=3, group_size=32, outlier_scope="row"), 2, Options()),
+    "llama-default": ("llama", QuantConfig(), {}, Options()),
+    "llama-default-tp2": ("llama", QuantConfig(), TP2, Options()),
+    "qwen2-3bit-g32-bias-tp2": ("qwen2", QuantConfig(bits=3, group_size=32, outlier_scope="row"), TP2, Options()),
     # asymmetric, in groups of 32, every column scale folded (the norms written scaled)
-    "llama-asymmetric-fold-all-g32-tp2": ("llama", QuantConfig(group_size=32, asymmetric=True), 2, FOLD_ALL),
-    "qwen2-target-bpw-tp2": ("qwen2", QuantConfig(group_size=32, n_sigma=3.0), 2, Options(target_bpw=4.5)),
+    "llama-asymmetric-fold-all-g32-tp2": ("llama", QuantConfig(group_size=32, asymmetric=True), TP2, FOLD_ALL),
+    "qwen2-target-bpw-tp2": ("qwen2", QuantConfig(group_size=32, n_sigma=3.0), TP2, Options(target_bpw=4.5)),
+    "mixtral-default-tp2": ("mixtral", QuantConfig(), TP2, Options()),
+    "qwen2-moe-default-ep2": ("qwen2_moe", QuantConfig(), EP2, Options()),
 }
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, smollm2_default) -> dict:
     """Every checkpoint of this module served by one vLLM process, one engine after another:
-    the tiny models of ``CASES``, the real SmolLM2, and last a mixture of experts that the plugin
-    must refuse. Per case: its summary, vLLM's result and transformers' greedy tokens; and the
-    process's stderr."""
+    the tiny models of ``CASES``, the compressed-tensors export and the real SmolLM2. Per case:
+    its summary, vLLM's result and transformers' greedy tokens; and the process's stderr."""
     folder = tmp_path_factory.mktemp("vllm")
     cases, jobs = {}, []
-    for name, (kind, config, tp, options) in CASES.items():
+    for name, (kind, config, parallel, options) in CASES.items():
         _tiny(kind, folder / name / "src")
         summary = quantize_model(folder / name / "src", folder / name / "q", config, options, progress=False)
         cases[name] = {"summary": summary, "want": hf_generate(folder / name / "q", PROMPTS, 12)}
-        jobs.append({"model": str(folder / name / "q"), "prompt_ids": PROMPTS, "max_tokens": 12, "tp": tp})
+        jobs.append({"model": str(folder / name / "q"), "prompt_ids": PROMPTS, "max_tokens": 12, **parallel})
     _tiny("llama", folder / "ct" / "src")
     quantize_model(folder / "ct" / "src", folder / "ct" / "q", CT_EXACT, progress=False)
     export_compressed_tensors(folder / "ct" / "q", folder / "ct" / "out", progress=False)
@@ -113,13 +124,10 @@ def served(tmp_path_factory, smollm2_default) -> dict:
     smollm2, _ = smollm2_default
     cases["smollm2"] = {"want": hf_generate(smollm2, SMOLLM2_PROMPTS, 16)}
     jobs.append({"model": str(smollm2), "prompt_ids": SMOLLM2_PROMPTS, "max_tokens": 16})
-    tiny_model("mixtral", folder / "moe" / "src")
-    quantize_model(folder / "moe" / "src", folder / "moe" / "q", progress=False)
-    jobs.append({"model": str(folder / "moe" / "q"), "prompt_ids": [[1, 2]], "max_tokens": 1})
     results, stderr = vllm_serve(jobs, folder)
-    for case, result in zip([*cases.values(), {}], results, strict=True):
+    for case, result in zip(cases.values(), results, strict=True):
         case["got"] = result
-    return {"cases": cases, "moe": results[-1], "stderr": stderr}
+    return {"cases": cases, "stderr": stderr}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -128,11 +136,18 @@ def test_vllm_matches_transformers_on_tiny_models(served, name) -> None:
     down by columns, the one KV head replicated on both ranks. Dual-axis q/k/v and gate/up, each
     with column scales of its own, run as separate shards of the fused layer; so do shards with
     bits or groups of their own (--target-bpw); folded ones (v_proj's rows scaled for o_proj,
-    and with ``--fold all`` the norms) run stacked, as plain weights."""
+    and with ``--fold all`` the norms) run stacked, as plain weights. Mixtures of experts run
+    through the plugin's fused-MoE method: under tensor parallelism every expert cut to its
+    rank's slice of the intermediate size (Mixtral, whose ``block_sparse_moe`` transformers
+    calls ``mlp``), under expert parallelism each rank holding half the experts whole (Qwen2-MoE,
+    its shared expert a plain quantized MLP beside them). Each rank's output is a partial sum
+    that vLLM adds up, so an expert run on both ranks, or a slice cut wrong, changes the tokens."""
     case, options = served["cases"][name], CASES[name][3]
     if options.target_bpw:
         assert len({(r["bits"], r["group_size"]) for r in case["summary"].layers}) > 1
     assert case["summary"].outlier_fraction > 0  # the fused layers carry outliers through the plugin
+    if CASES[name][0] in ("mixtral", "qwen2_moe"):
+        assert sum(r["outliers"] for r in case["summary"].layers if r.get("expert")) > 0
     assert_same(case["got"], case["want"])
 
 
@@ -154,11 +169,6 @@ def test_compressed_tensors_export_is_served_or_lacks_only_the_cpu_kernel(served
         return
     assert got["quant"] == "compressed-tensors"
     assert got["tokens"] == want["tokens"]
-
-
-def test_quantized_experts_are_refused_by_name(served) -> None:
-    assert "error" in served["moe"]
-    assert "model.layers.0.mlp.experts: the vLLM plugin does not serve quantized mixture-of-experts" in served["stderr"]
 
 
 def test_plugin_is_an_entry_point_vllm_finds() -> None:

@@ -5,7 +5,7 @@ beside the main environment rather than in it.
     python tests/vllm_generate.py JOBS.json
 
 JOBS.json is a list of jobs, ``{"model": DIR, "prompt_ids": [[1, 2, 3]], "max_tokens": 16, "tp": 1}``
-(``dtype`` defaults to float32), served one after another in this one process, so that vLLM is
+(``dtype`` defaults to float32; ``"ep": true`` splits mixture-of-experts layers by experts), served one after another in this one process, so that vLLM is
 imported once for all of them. Prints one line per job, "vllm_generate: " and JSON: the job's
 index, the generated token ids per prompt, the log-probability of each prompt token after the
 first and the quantization method vLLM selected; or the job's error, and the next job goes on.
@@ -33,7 +33,7 @@ def generate(job: dict) -> dict:
         os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     llm = LLM(
         model=job["model"], dtype=job.get("dtype", "float32"), enforce_eager=True, gpu_memory_utilization=0.25,
-        skip_tokenizer_init=True, tensor_parallel_size=tp,
+        skip_tokenizer_init=True, tensor_parallel_size=tp, enable_expert_parallel=job.get("ep", False),
     )  # fmt: skip
     try:
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompt_ids"]]

@@ -133,15 +133,15 @@ def _disk_names(name: str, prefix: str, renamings: list[tuple[str, str]]) -> lis
     return names + [n.replace(new, old) for n in names for old, new in renamings if new in n]
 
 
-def _conversions(model: nn.Module) -> tuple[list[tuple[str, str]], list[tuple[list[str], str]]]:
-    """transformers' load-time renamings and per-expert fusions for this model type, as plain
+def conversions(model_type: str) -> tuple[list[tuple[str, str]], list[tuple[list[str], str]]]:
+    """transformers' load-time renamings and per-expert fusions for a model type, as plain
     ``(on disk, in the model)`` pairs (empty where transformers has none)."""
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     except ImportError:
         return [], []
     renamings, fusions = [], []
-    for conv in get_checkpoint_conversion_mapping(model.config.model_type) or []:
+    for conv in get_checkpoint_conversion_mapping(model_type) or []:
         sources, targets = list(conv.source_patterns), list(conv.target_patterns)
         if type(conv).__name__ == "WeightRenaming" and len(sources) == len(targets) == 1:
             renamings.append((sources[0], targets[0]))
@@ -151,13 +151,13 @@ def _conversions(model: nn.Module) -> tuple[list[tuple[str, str]], list[tuple[li
 
 
 def _expert_sources(
-    source: Source, full: str, param: nn.Parameter, transposed: bool, prefix: str, conversions: tuple
+    source: Source, full: str, param: nn.Parameter, transposed: bool, prefix: str, recipes: tuple
 ) -> list[WeightSource] | None:
     """Where each expert's ``(out, in)`` matrix of the model's parameter ``full`` is on disk:
     slices of the fused tensor, or that expert's own tensors stacked; None if neither is there."""
     experts, a, b = param.shape
     out_features, in_features = (b, a) if transposed else (a, b)
-    renamings, fusions = conversions
+    renamings, fusions = recipes
     for key in _disk_names(full, prefix, renamings):
         ref = source.tensors.get(key)
         if ref is not None:
@@ -252,12 +252,12 @@ def find_targets(source: Source, skip: tuple[str, ...] = (), include: tuple[str,
                 f"{ref.file}: tensor {ref.key} has shape {ref.shape}, expected {(mod.out_features, mod.in_features)}"
             )
         targets.append(Target(key, mod.in_features, mod.out_features, mod.bias is not None, ref))
-    conversions = _conversions(model)
+    recipes = conversions(model.config.model_type)
     for module, param_name, param, transposed in experts:
         full = f"{module}.{param_name}"
         if _matches(full, skip) or _matches(module, skip):
             continue
-        recipe = _expert_sources(source, full, param, transposed, prefix, conversions)
+        recipe = _expert_sources(source, full, param, transposed, prefix, recipes)
         if recipe is None:
             warnings.warn(
                 f"{source.folder}: found no tensors for {full} on disk; its experts stay as they are", stacklevel=2
@@ -277,4 +277,4 @@ def find_targets(source: Source, skip: tuple[str, ...] = (), include: tuple[str,
         replace(f, into=key_of(f.into), readers=tuple(key_of(r) for r in f.readers))
         for f in find_folds(model, lambda name: key_of(name) in modules)
     ]
-    return Plan(sorted(targets, key=lambda t: t.expert or (t.module,)), conversions[0], folds)
+    return Plan(sorted(targets, key=lambda t: t.expert or (t.module,)), recipes[0], folds)

@@ -13,15 +13,21 @@ shards are stacked into one weight (dual-axis shards with column scales of their
 apart, their outputs joined), and the layer runs it through :class:`EasyQuantLinear`,
 which picks the Triton kernel on CUDA and torch's int4 kernel or dequantization on the CPU.
 Layers the checkpoint left in full precision (``lm_head``, skipped modules) keep vLLM's own
-unquantized method. Quantized mixture-of-experts layers are refused by name (vLLM's fused-MoE
-path is not served yet).
+unquantized method. Quantized mixture-of-experts layers get :mod:`.vllm_moe`'s fused-MoE method.
+
+Names: the checkpoint names modules as transformers' models do; vLLM's models keep the names of
+the checkpoints on the Hub, which transformers renames on load for some families (Mixtral's
+``block_sparse_moe`` is its ``mlp``). The config undoes those renamings for the model type it is
+given (``maybe_update_config``), both in the tensors' names and in the layers it looks up.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
+from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import (
     LinearBase,
     LinearMethodBase,
@@ -31,13 +37,19 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.models.utils import WeightsMapper
 from vllm.model_executor.utils import set_weight_attrs
 
+from ..checkpoint.targets import conversions
 from ..core.qweight import QuantizedWeight
 from ..core.shards import stack_rows, take_cols, take_rows
 from ..errors import EasyQuantError
 from ..runtime.nn import EasyQuantLinear
 from .hf import METHOD, EasyQuantConfig
+from .vllm_moe import EasyQuantMoEMethod, mark_expert_tensors
+
+# Layers vLLM fuses, by the names of their parts (models add their own in packed_modules_mapping).
+FUSED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
 
 class EasyQuantVllmConfig(QuantizationConfig):
@@ -46,6 +58,7 @@ class EasyQuantVllmConfig(QuantizationConfig):
     def __init__(self, config: EasyQuantConfig):
         super().__init__()
         self.config = config
+        self.renamings: list[tuple[str, str]] = []  # (vLLM's name, the checkpoint's): see maybe_update_config
 
     def get_name(self) -> str:
         return METHOD
@@ -63,19 +76,36 @@ class EasyQuantVllmConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> EasyQuantVllmConfig:
-        parsed = EasyQuantConfig(**{k: v for k, v in config.items() if k != "quant_method"})
-        experts = [m for m, info in parsed.modules.items() if isinstance(info["outliers"], dict)]
-        if experts:
-            raise EasyQuantError(
-                f"{experts[0]}: the vLLM plugin does not serve quantized mixture-of-experts layers yet "
-                "(transformers does, after import easyquant)"
-            )
-        return cls(parsed)
+        return cls(EasyQuantConfig(**{k: v for k, v in config.items() if k != "quant_method"}))
 
-    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> LinearMethodBase | None:
+    def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: str | None = None) -> None:
+        if hf_config is not None:
+            self.renamings = conversions(hf_config.model_type)[0]
+
+    def get_checkpoint_weight_mapper(self) -> WeightsMapper:
+        """vLLM's base mapper, plus: expert tensors marked for the MoE method's loader, and the
+        checkpoint's (transformers') names put back to vLLM's."""
+        back = {re.compile(re.escape(new)): old for old, new in self.renamings}
+        return QuantizationConfig.get_checkpoint_weight_mapper() | WeightsMapper(
+            orig_to_new_regex=mark_expert_tensors() | back
+        )
+
+    def _checkpoint_name(self, prefix: str) -> str:
+        for old, new in self.renamings:
+            prefix = prefix.replace(old, new)
+        return prefix
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> LinearMethodBase | EasyQuantMoEMethod | None:
+        if isinstance(layer, RoutedExperts):
+            module = self._checkpoint_name(prefix)
+            if isinstance(self.config.modules.get(module, {}).get("outliers"), dict):
+                return EasyQuantMoEMethod(self.config, module, layer.moe_config)
+            return None  # vLLM's unquantized experts
         if not isinstance(layer, LinearBase):
             return None
-        parts = _checkpoint_modules(prefix, self.packed_modules_mapping)
+        name = self._checkpoint_name(prefix)
+        fused = FUSED | self.packed_modules_mapping
+        parts = [name] if name in self.config.modules else _checkpoint_modules(name, fused)
         listed = [p in self.config.modules for p in parts]
         if all(listed):
             return EasyQuantLinearMethod(self.config, parts)
