@@ -3,7 +3,7 @@ modules each carry their own bits and group size (format 4), loaded and served."
 
 import itertools
 import json
-from dataclasses import fields
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,8 +17,9 @@ from easyquant import EasyQuantError, QuantConfig, quantize_weight
 from easyquant.checkpoint.format import FORMAT_VERSION
 from easyquant.checkpoint.pipeline import Options, quantize_model
 from easyquant.cli import main
-from easyquant.core.allocate import Choice, allocate, menu, plan, relative_error, score
-from easyquant.core.quantize import Shared
+from easyquant.core.allocate import Choice, allocate, menu, plan, score
+from easyquant.core.quantize import rtn_errors
+from easyquant.core.qweight import storage_bytes
 
 choice = st.builds(Choice, bits=st.integers(1, 40).map(float), error=st.floats(0, 10))
 layers = st.lists(st.lists(choice, min_size=1, max_size=4), min_size=1, max_size=4)
@@ -63,25 +64,53 @@ def test_menu_spans_bits_groups_and_outliers():
 
 
 @pytest.mark.parametrize(
-    "base", [QuantConfig(), QuantConfig(bits=3, group_size=None, n_sigma=3.0, outlier_scope="row")]
+    "base",
+    [
+        QuantConfig(),
+        QuantConfig(bits=3, group_size=None, n_sigma=3.0, outlier_scope="row"),
+        QuantConfig(bits=3, group_size=None, asymmetric=True, fractional_zero=True),
+    ],
 )
-def test_settings_of_one_weight_share_mask_and_column_scales_exactly(base):
-    """Scoring the menu computes each outlier mask and Sinkhorn once per (outliers, group size),
-    not per bit width, and changes nothing: every quantized weight and every score is the one a
-    fresh call gives."""
+def test_scoring_the_menu_at_once_is_scoring_each_setting(base):
+    """The menu scored in one call (settings alike but for their bits sharing their mask, column
+    scales and rows' ends) gives each setting the score a call for it alone gives; ``score``'s
+    row is those errors, without column scales, and the solved weights' sizes."""
     w = heavy_tailed(48, 200, seed=5)
     options = menu(base)
-    shared = Shared()
-    for config in options:
-        a, b = quantize_weight(w, config, shared=shared), quantize_weight(w, config)
-        for f in fields(a):
-            x, y = getattr(a, f.name), getattr(b, f.name)
-            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, (config, f.name)
-    assert len(shared._masks) == len({c.n_sigma for c in options})
-    assert len(shared._scales) == len({(c.n_sigma, c.group_size) for c in options})
+    together = rtn_errors(w, options)
+    assert together == [rtn_errors(w, [c])[0] for c in options]
     (row,) = score([("w", lambda: w)], options, progress=False)[0].values()
-    fresh = [relative_error(w, c, "w") for c in options]
-    assert row == [Choice(q.bits_per_weight * w.numel(), e * w.numel()) for q, e in fresh]
+    plain = rtn_errors(w, [replace(c, col_scale=False) for c in options])
+    assert row == [Choice(8 * quantize_weight(w, c).nbytes, e * w.numel()) for c, (e, _) in
+                   zip(options, plain, strict=True)]  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 24),
+    cols=st.integers(1, 150),
+    bits=st.integers(2, 6),
+    group=st.sampled_from([None, 8, 32, 64]),
+    n_sigma=st.sampled_from([None, 3.0, 4.0]),
+    asymmetric=st.booleans(),
+    col_scale=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_score_is_the_rtn_error_and_the_stored_size(rows, cols, bits, group, n_sigma, asymmetric, col_scale, seed):
+    """The budget's score of a setting, computed without packing anything: its error is the
+    relative squared error of the weight quantized at that setting by round-to-nearest (to the
+    fp16 rounding of the stored outliers and column scales), its size what the solved weight
+    stores."""
+    w = heavy_tailed(rows, cols, seed=seed)
+    config = QuantConfig(bits=bits, group_size=group, n_sigma=n_sigma, asymmetric=asymmetric, col_scale=col_scale)
+    ((err, outliers),) = rtn_errors(w, [config])
+    rtn = quantize_weight(w, replace(config, solver="rtn"))
+    x = w.float()
+    want = ((rtn.dequantize(torch.float32) - x).square().sum() / x.square().sum()).item()
+    assert err == pytest.approx(want, rel=1e-4, abs=1e-9)
+    solved = quantize_weight(w, config)
+    assert outliers == solved.outlier_count == rtn.outlier_count
+    assert storage_bytes(w.shape, bits, group or cols, outliers, asymmetric, col_scale) == solved.nbytes
 
 
 def test_plan_gives_the_harder_layer_more_bits():

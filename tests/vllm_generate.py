@@ -5,10 +5,11 @@ beside the main environment rather than in it.
     python tests/vllm_generate.py JOBS.json
 
 JOBS.json is a list of jobs, ``{"model": DIR, "prompt_ids": [[1, 2, 3]], "max_tokens": 16, "tp": 1}``
-(``dtype`` defaults to float32; ``"ep": true`` splits mixture-of-experts layers by experts), served one after another in this one process, so that vLLM is
-imported once for all of them. Prints one line per job, "vllm_generate: " and JSON: the job's
-index, the generated token ids per prompt, the log-probability of each prompt token after the
-first and the quantization method vLLM selected; or the job's error, and the next job goes on.
+(``dtype`` defaults to float32; ``"ep": true`` splits mixture-of-experts layers by experts),
+served one after another in this one process, so that vLLM is imported once for all of them.
+Prints one line per job, "vllm_generate: " and JSON: the job's index, the generated token ids
+per prompt, the log-probability of each prompt token after the first and the quantization
+method vLLM selected; or the job's error, and the next job goes on.
 """
 
 from __future__ import annotations

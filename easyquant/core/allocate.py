@@ -23,8 +23,8 @@ import torch
 from ..errors import EasyQuantError
 from ..progress import progress_bar
 from .grid import MAX_BITS, MIN_BITS
-from .quantize import QuantConfig, Shared, quantize_weight
-from .qweight import QuantizedWeight
+from .quantize import QuantConfig, rtn_errors
+from .qweight import storage_bytes
 
 
 @dataclass(frozen=True)
@@ -91,16 +91,6 @@ def allocate(layers: list[list[Choice]], budget: float) -> list[int]:
     return pick
 
 
-def relative_error(
-    w: torch.Tensor, config: QuantConfig, name: str, shared: Shared | None = None
-) -> tuple[QuantizedWeight, float]:
-    """``w`` quantized with ``config`` (``shared``: what other settings of ``w`` computed), and
-    its relative squared error."""
-    qw = quantize_weight(w, config, name=name, shared=shared)
-    x = w.float()
-    return qw, ((qw.dequantize(torch.float32) - x).square().sum() / x.square().sum().clamp_min(1e-30)).item()
-
-
 def score(
     weights: list[tuple[str, Callable[[], torch.Tensor]]], options: list[QuantConfig], progress: bool = True
 ) -> tuple[dict[str, list[Choice]], int]:
@@ -113,10 +103,14 @@ def score(
     for name, load in progress_bar(weights, desc="allocating bits", unit="tensor", disable=not progress):
         w = load()
         total += w.numel()
-        row, shared = [], Shared()  # one outlier mask and Sinkhorn per (outliers, group size), not per bit width
-        for c in options:
-            qw, err = relative_error(w, c, name, shared)
-            row.append(Choice(qw.bits_per_weight * w.numel(), err * w.numel()))
+        # Scored without column scales: a Sinkhorn per outlier rule and group size would cost as
+        # much as the rest of the scoring, for a plan no better (RESULTS.md, "Bits per layer").
+        scored = rtn_errors(w, [replace(c, col_scale=False) for c in options], name)
+        row = [
+            Choice(8 * storage_bytes(w.shape, c.bits, c.group_size or w.shape[1], n, c.asymmetric, c.col_scale),
+                   err * w.numel())
+            for c, (err, n) in zip(options, scored, strict=True)
+        ]  # fmt: skip
         if name in table:
             row = [Choice(a.bits + b.bits, a.error + b.error) for a, b in zip(table[name], row, strict=True)]
         table[name] = row

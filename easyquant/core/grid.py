@@ -85,18 +85,13 @@ class Grid:
         return scale * (self.affine_codes(w, scale, zero) - zero)
 
 
-def oriented(
-    w: torch.Tensor, keep: torch.Tensor, grid: Grid, turn: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What every range solver starts from: rows ``w`` turned (``turn``; else as they are) so that
-    each row's largest-magnitude kept weight is negative, the signs (+1 or -1) that turned them,
-    and their max-abs scales: the smallest steps that clip no kept weight.
+def ends(w: torch.Tensor, keep: torch.Tensor, turn: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's sign (+1 or -1) that turns its largest-magnitude kept weight negative (``turn``;
+    else +1), and the magnitudes of its kept weights' two ends as turned: the longer (negative)
+    side's, then the shorter's. One pass over ``w``; no grid needed (:func:`max_abs_scale`).
 
-    With the sign folded into the scale, a row's largest weight lands on the grid's longer side
-    (``qmin``), which buys one more level where the row needs range most. Where the largest
-    positive and negative weights tie in magnitude, the first of them in the row decides (so that
-    negating a row negates its scale). Rows with nothing to quantize (all zero, or all outliers)
-    get scale 1; their codes are 0. One pass finds both ends of every row.
+    Where the largest positive and negative weights tie in magnitude, the first of them in the
+    row decides (so that negating a row negates its scale).
     """
     zero = torch.zeros((), dtype=w.dtype, device=w.device)
     kept = torch.where(keep, w, zero)
@@ -111,10 +106,29 @@ def oriented(
             peak = rows.gather(1, rows.abs().argmax(dim=1, keepdim=True)).squeeze(1)
             sign[tie] = torch.where(peak > 0, -1.0, 1.0).to(w.dtype)
     turned = sign < 0  # the longer (negative) side takes what was the positive end
-    longer, shorter = torch.where(turned, up, down), torch.where(turned, down, up)
+    return sign, torch.where(turned, up, down), torch.where(turned, down, up)
+
+
+def max_abs_scale(longer: torch.Tensor, shorter: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """The smallest positive steps that clip neither end (:func:`ends`) on ``grid``; 1 for rows
+    with nothing to quantize (all zero, or all outliers)."""
     s = torch.maximum(longer / -grid.qmin, shorter / grid.qmax)
-    s = torch.where(s > 0, s, torch.ones_like(s)).clamp_min(FP16_TINY)
-    return w * sign[:, None], sign, s
+    return torch.where(s > 0, s, torch.ones_like(s)).clamp_min(FP16_TINY)
+
+
+def oriented(
+    w: torch.Tensor, keep: torch.Tensor, grid: Grid, turn: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every range solver starts from: rows ``w`` turned (``turn``; else as they are) so that
+    each row's largest-magnitude kept weight is negative, the signs (+1 or -1) that turned them,
+    and their max-abs scales: the smallest steps that clip no kept weight.
+
+    With the sign folded into the scale, a row's largest weight lands on the grid's longer side
+    (``qmin``), which buys one more level where the row needs range most. Rows with nothing to
+    quantize get scale 1; their codes are 0. One pass finds both ends of every row (:func:`ends`).
+    """
+    sign, longer, shorter = ends(w, keep, turn)
+    return w * sign[:, None], sign, max_abs_scale(longer, shorter, grid)
 
 
 def to_fp16_grid(s: torch.Tensor) -> torch.Tensor:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from ..errors import EasyQuantError
-from .grid import FP16_MAX, Grid, zero_shift
+from .grid import FP16_MAX, Grid, ends, max_abs_scale, to_fp16_grid, zero_shift
 from .groups import block_elements, from_groups, to_groups
 from .objective import Objective
 from .outliers import Scope, sigma_mask
@@ -27,6 +27,7 @@ AFFINE_SOLVERS = ("search", "rtn")
 OUTLIER_RULES = ("sigma", "savings")
 # A group offers at most this many weights to the savings rule (each one more solve of the matrix).
 MAX_SAVINGS_DEPTH = 8
+SQUARED = Objective(p=2)
 
 
 @dataclass(frozen=True)
@@ -170,11 +171,10 @@ def outlier_mask(w: torch.Tensor, config: QuantConfig, name: str) -> torch.Tenso
 
 
 class Shared:
-    """What quantizing one weight at several settings can share: the sigma rule's outlier mask
-    depends only on ``n_sigma`` and its scope, the column scales only on that mask and the group
-    size, neither on the bit width. Pass one to :func:`quantize_weight` for every setting of the
-    same weight (the bit budget scores twelve) and each is computed once; the results are the
-    very tensors a call without it computes."""
+    """What scoring one weight at several settings (:func:`rtn_errors`) can share: the sigma
+    rule's outlier mask depends only on ``n_sigma`` and its scope, the column scales only on that
+    mask and the group size, neither on the bit width; each is computed once, the very tensors
+    :func:`quantize_weight` computes."""
 
     def __init__(self) -> None:
         self._masks: dict[tuple, torch.Tensor] = {}
@@ -198,13 +198,11 @@ def quantize_weight(
     config: QuantConfig | None = None,
     col_weight: torch.Tensor | None = None,
     name: str = "weight",
-    shared: Shared | None = None,
 ) -> QuantizedWeight:
     """EasyQuant one ``(out_features, in_features)`` weight.
 
     ``col_weight`` (``(in_features,)``, non-negative) weighs each input column in the range
     objective, for example by the squared norm weights that scale the layer's inputs.
-    ``shared``: what earlier calls on the same ``w`` (and ``col_weight``) computed (:class:`Shared`).
     Computation runs in fp32 on ``w``'s device; the result is bit-identical for the same
     input and settings.
     """
@@ -214,8 +212,7 @@ def quantize_weight(
     gs = min(config.group_size or cols, cols)
     grid = Grid(config.bits)
     x = w.float()
-    shared = shared or Shared()
-    mask = shared.mask(x, config, name)
+    mask = outlier_mask(x, config, name)
 
     importance = torch.ones(cols, device=x.device)
     if col_weight is not None:
@@ -226,7 +223,7 @@ def quantize_weight(
         importance = col_weight.to(importance)
     t = None
     if config.col_scale:  # solve on the column-normalised x / t, column j weighted by t_j^(col_power * p)
-        t = shared.col_scales(x, mask, config, gs)
+        t = column_scales(x, ~mask, gs)
         importance = importance * t.pow(config.col_power * config.objective_p)
     step = block_elements(w.device)
     if config.outlier_rule == "savings" and bool(mask.any()):
@@ -239,6 +236,52 @@ def quantize_weight(
         for r in range(0, rows, block)
     ]
     return parts[0] if len(parts) == 1 else stack_rows(parts)
+
+
+def rtn_errors(w: torch.Tensor, configs: list[QuantConfig], name: str = "weight") -> list[tuple[float, int]]:
+    """For each of ``configs`` (settings of the one weight ``w``): the relative squared error
+    ``||W - Q[W]||^2 / ||W||^2`` at its bits, groups, outliers and column scales, but rounded to
+    the nearest code at max-abs ranges instead of solved, and its outlier count; nothing packed.
+    The bit budget scores its menu with it: solving every setting costs about twelve times the
+    default, while the plan RTN's errors give is nearly the solved errors' (RESULTS.md, "Bits per
+    layer"). Symmetric settings that differ only in bits share one pass for their rows' ends,
+    and each then costs one buffered loss evaluation (the search makes about twenty)."""
+    validate_weight(w, name)
+    rows, cols = w.shape
+    x = w.float()
+    shared = Shared()  # one mask per outlier rule, one Sinkhorn per rule and group size
+    layouts: dict[tuple, list[int]] = {}  # settings alike but for their bits
+    for i, c in enumerate(configs):
+        gs = min(c.group_size or cols, cols)
+        layouts.setdefault((c.n_sigma, c.outlier_scope, c.max_outlier_fraction, gs, c.col_scale, c.asymmetric,
+                            c.orient), []).append(i)  # fmt: skip
+    block = max(1, block_elements(w.device) // cols)
+    total = max(x.square().sum().item(), 1e-30)
+    out: dict[int, tuple[float, int]] = {}
+    for (*_, gs, col_scale, asymmetric, orient), alike in layouts.items():
+        first = configs[alike[0]]
+        mask = shared.mask(x, first, name)
+        t = shared.col_scales(x, mask, first, gs) if col_scale else None
+        # The error in w's own units: a column-normalised weight's error times t_j^2.
+        importance = torch.ones(cols, device=x.device) if t is None else t.square()
+        err = [0.0] * len(alike)
+        for r in range(0, rows, block):
+            wg = to_groups(x[r : r + block] if t is None else x[r : r + block] / t, gs)
+            cg = to_groups(torch.where(mask[r : r + block], 0.0, importance), gs)
+            if asymmetric:
+                for k, i in enumerate(alike):
+                    rtn, grid = replace(configs[i], solver="rtn", fractional_zero=False), Grid(configs[i].bits)
+                    err[k] += _loss(wg, cg, _solve(wg, cg, rtn, grid, len(wg)), rtn, grid, p=2).sum().item()
+                continue
+            sign, longer, shorter = ends(wg, cg > 0, orient)
+            work = (torch.empty_like(wg), torch.empty_like(wg))
+            for k, i in enumerate(alike):
+                grid = Grid(configs[i].bits)
+                s = to_fp16_grid(max_abs_scale(longer, shorter, grid)) * sign
+                err[k] += SQUARED.loss(wg, cg, s, grid, work).sum().item()
+        count = int(mask.count_nonzero())
+        out |= {i: (e / total, count) for i, e in zip(alike, err, strict=True)}
+    return [out[i] for i in range(len(configs))]
 
 
 def _quantize_rows(
@@ -322,11 +365,13 @@ def _solve(wg: torch.Tensor, cg: torch.Tensor, config: QuantConfig, grid: Grid, 
     return (_solve_affine if config.asymmetric else _solve_symmetric)(wg, cg, config, grid, step)
 
 
-def _loss(wg: torch.Tensor, cg: torch.Tensor, solved: Solved, config: QuantConfig, grid: Grid) -> torch.Tensor:
-    """Each group's loss at its solved ranges, as stored (fp16 scales)."""
+def _loss(
+    wg: torch.Tensor, cg: torch.Tensor, solved: Solved, config: QuantConfig, grid: Grid, p: float | None = None
+) -> torch.Tensor:
+    """Each group's loss at its solved ranges, as stored (fp16 scales), in the objective's norm or ``p``."""
     codes, scales, zeros = solved
     levels = codes + grid.qmin if zeros is None else codes - zeros.float()[:, None] * 2.0**-config.zero_shift
-    return Objective(p=config.objective_p).weighted(levels * scales.float()[:, None] - wg, cg)
+    return Objective(p=p or config.objective_p).weighted(levels * scales.float()[:, None] - wg, cg)
 
 
 def _chunks(n: int, step: int) -> range:

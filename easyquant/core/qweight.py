@@ -60,6 +60,24 @@ def rowptr_layout(rows: int, nnz: int, compact: bool = True) -> tuple[tuple[int,
     return (rows + 1,), dtype
 
 
+def storage_bytes(
+    shape: tuple[int, int], bits: int, group_size: int, outliers: int, asymmetric: bool = False, col_scale: bool = False
+) -> int:
+    """What a weight of ``shape`` quantized so stores (its :attr:`QuantizedWeight.nbytes`),
+    known before it is quantized: packed codes, fp16 scales (and uint8 zero points) per group,
+    the compact CSR outliers, fp16 column scales."""
+    rows, cols = shape
+    groups = rows * group_count(cols, min(group_size, cols))
+    (ptrs,), ptr_dtype = rowptr_layout(rows, outliers)
+    return (
+        rows * packed_cols(cols, bits)
+        + groups * (2 + asymmetric)
+        + ptrs * ptr_dtype.itemsize
+        + outliers * (index_dtype(cols).itemsize + 2)
+        + 2 * cols * col_scale
+    )
+
+
 def compact_rowptr(ptr: torch.Tensor) -> torch.Tensor:
     """Full row pointers ``(rows + 1,)`` of any integer type in the format's compact layout."""
     shape, dtype = rowptr_layout(len(ptr) - 1, int(ptr[-1]))
