@@ -50,7 +50,7 @@ def ours(per_channel: bool = True, **kw) -> Method:
 
 def budget(target: float, **kw) -> Method:
     """``--target-bpw``: the matrix's setting chosen from the menu around the defaults (every
-    setting quantized and scored, as the pipeline does), then the matrix quantized with it. The
+    setting scored, as the pipeline does), then the matrix quantized with it. The
     row is for time: a budget over one matrix is a one-layer knapsack, greedy on that layer's
     hull, so its bits need not come near the target as they do over a model's layers."""
 
