@@ -107,7 +107,7 @@ def test_score_is_the_rtn_error_and_the_stored_size(rows, cols, bits, group, n_s
     rtn = quantize_weight(w, replace(config, solver="rtn"))
     x = w.float()
     want = ((rtn.dequantize(torch.float32) - x).square().sum() / x.square().sum()).item()
-    assert err == pytest.approx(want, rel=1e-4, abs=1e-9)
+    assert err == pytest.approx(want, rel=2e-3, abs=1e-9)  # the stored outliers are rounded to fp16
     solved = quantize_weight(w, config)
     assert outliers == solved.outlier_count == rtn.outlier_count
     assert storage_bytes(w.shape, bits, group or cols, outliers, asymmetric, col_scale) == solved.nbytes
