@@ -33,6 +33,7 @@ from ..checkpoint.st_io import read_header
 from ..checkpoint.targets import EXPERT_PARAMS
 from ..core.grid import zero_shift
 from ..core.quantize import QuantConfig
+from ..core.qweight import QuantizedWeight
 from ..errors import EasyQuantError
 from ..runtime.nn import EasyQuantExperts, EasyQuantLinear, tensor_names
 
@@ -155,6 +156,18 @@ class EasyQuantConfig(QuantizationConfigMixin):
     def zero_shift(self, bits: int) -> int:
         """Fractional bits of the stored zero points of a ``bits``-bit module (format 5)."""
         return zero_shift(bits, self.fractional_zero)
+
+    def stored_weight(
+        self, module: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype, name: str
+    ) -> QuantizedWeight:
+        """A checkpoint module's quantized weight of ``shape`` from its stored ``tensors`` (by
+        tensor name), with the module's bits and groups, checked (errors name ``name``)."""
+        names = self.module_tensors(module)
+        bits, group_size = self.module_settings(module)
+        qw = QuantizedWeight(*(tensors[n] for n in names[:5]), bits, group_size or shape[1], shape, dtype,
+                             **{n: tensors[n] for n in names[5:]}, zero_shift=self.zero_shift(bits))  # fmt: skip
+        qw.check(name)
+        return qw
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -70,16 +70,8 @@ class StoredCheckpoint:
     def weight(self, module: str) -> QuantizedWeight:
         """The quantized weight of the model's ``module``, read and checked."""
         name, q = self.quantized[module], self.qconfig
-        names = q.module_tensors(name)
-        t = [self.source.tensors[f"{name}.{n}"].load() for n in names]
-        shape = self.shape(module)
-        bits, group_size = q.module_settings(name)
-        qw = QuantizedWeight(
-            *t[:5], bits, group_size or shape[1], shape, torch.float16, **dict(zip(names[5:], t[5:], strict=True)),
-            zero_shift=q.zero_shift(bits),
-        )  # fmt: skip
-        qw.check(name)
-        return qw
+        t = {n: self.source.tensors[f"{name}.{n}"].load() for n in q.module_tensors(name)}
+        return q.stored_weight(name, t, self.shape(module), torch.float16, name)
 
     def dense(self, key: str) -> torch.Tensor:
         """A tensor easyquant left unquantized, by the model's name for it."""

@@ -92,12 +92,7 @@ class EasyQuantMoEMethod(FusedMoEMethodBase):
         missing = [n for n in self.names if n not in t]
         if missing:
             raise EasyQuantError(f"{name}: the checkpoint lacks its tensors {missing}")
-        bits, group_size = self.config.module_settings(self.module)
-        extra = {n: t[n] for n in self.names[5:]}
-        qw = QuantizedWeight(*(t[n] for n in self.names[:5]), bits, group_size or cols, (t["packed"].shape[0], cols),
-                             layer.easyquant_sizes[2], **extra, zero_shift=self.config.zero_shift(bits))  # fmt: skip
-        qw.check(name)
-        return qw
+        return self.config.stored_weight(self.module, t, (t["packed"].shape[0], cols), layer.easyquant_sizes[2], name)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         hidden, part, _ = layer.easyquant_sizes

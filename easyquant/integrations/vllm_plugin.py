@@ -162,11 +162,7 @@ class EasyQuantLinearMethod(LinearMethodBase):
         local_cols, local_rows, cols, dtype = layer.easyquant_sizes
         rows = t["packed"].shape[0]
         name = f"{layer.prefix}[{shard}]" if shard is not None else layer.prefix
-        names = self.names
-        bits, group_size = self.config.module_settings(self.modules[index])
-        qw = QuantizedWeight(*(t[n] for n in names[:5]), bits, group_size or cols, (rows, cols), dtype,
-                             **{n: t[n] for n in names[5:]}, zero_shift=self.config.zero_shift(bits))  # fmt: skip
-        qw.check(name)
+        qw = self.config.stored_weight(self.modules[index], t, (rows, cols), dtype, name)
         if isinstance(layer, RowParallelLinear) and local_cols != cols:
             return take_cols(qw, layer.tp_rank * local_cols, (layer.tp_rank + 1) * local_cols)
         want = local_rows[index]
