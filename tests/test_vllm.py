@@ -1,8 +1,8 @@
 """vLLM serves easyquant checkpoints through the plugin (entry point ``vllm.general_plugins``):
 the checkpoint's ``quant_method`` selects it with no flag, and greedy decoding gives the same
 tokens as transformers on the same checkpoint. vLLM (its CPU build) runs in ``.venv-vllm``
-(scripts/setup.sh): one vLLM process serves every checkpoint of this module, one engine
-after another, through tests/vllm_generate.py."""
+(scripts/setup.sh): one vLLM process per tensor-parallel rank serves every checkpoint of this
+module, one engine after another, through tests/vllm_generate.py."""
 
 from __future__ import annotations
 
@@ -35,13 +35,14 @@ SIZES = {"vocab_size": 256, "hidden_size": 128, "num_attention_heads": 2, "num_k
 
 
 def vllm_serve(jobs: list[dict], folder: Path) -> tuple[list[dict], str]:
-    """Run every job in one vLLM process (tests/vllm_generate.py: vLLM imported once); each
-    job's result, and the process's stderr."""
+    """Run every job in one vLLM process per rank (tests/vllm_generate.py: vLLM imported once
+    per rank); each job's result, and the processes' stderr."""
     (folder / "jobs.json").write_text(json.dumps(jobs))
     run = subprocess.run([str(VLLM_PY), str(ROOT / "tests" / "vllm_generate.py"), str(folder / "jobs.json")],
                          capture_output=True, text=True, timeout=1800)  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
-    results = [json.loads(x.removeprefix(MARK)) for x in run.stdout.splitlines() if x.startswith(MARK)]
+    results = sorted((json.loads(x.removeprefix(MARK)) for x in run.stdout.splitlines() if x.startswith(MARK)),
+                     key=lambda r: r["job"])  # fmt: skip
     assert [r["job"] for r in results] == list(range(len(jobs))), run.stderr[-4000:]
     return results, run.stderr
 
@@ -132,7 +133,9 @@ def served(tmp_path_factory, smollm2_default) -> dict:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_vllm_matches_transformers_on_tiny_models(served, name) -> None:
-    """tp=2: vLLM's own tensor parallelism (two CPU workers): q/k/v and gate/up cut by rows, o and
+    """tp=2: vLLM's own tensor parallelism, two ranks (processes run as torchrun would, vLLM's
+    ``external_launcher`` executor; the model, its sharding and the all-reduces are the default
+    executor's): q/k/v and gate/up cut by rows, o and
     down by columns, the one KV head replicated on both ranks. Dual-axis q/k/v and gate/up, each
     with column scales of its own, run as separate shards of the fused layer; so do shards with
     bits or groups of their own (--target-bpw); folded ones (v_proj's rows scaled for o_proj,

@@ -75,7 +75,10 @@ def _local_results(todo: list[Unit], workers: int, device: str) -> Iterator[dict
         return
     import multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
+    # A fork server imports this module once and forks every worker from it: one import per run
+    # instead of one per worker (spawn), and no fork of a parent whose threads (OpenMP, CUDA) run.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
     devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if device == "cuda" else [device]
     threads = max(1, (os.cpu_count() or 1) // workers)
     # Leaving the block terminates the workers: a failing tensor stops the run at once.
