@@ -191,3 +191,53 @@ def test_signed_scales_put_each_rows_peak_on_the_longer_side(seed, bits, solver)
 def test_unknown_solver():
     with pytest.raises(ValueError, match="unknown solver 'adamw'"):
         make_solver("adamw")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    p=st.sampled_from([2.0, 3.0]),
+    bits=st.integers(2, 8),
+    cols=st.sampled_from([7, 32, 64, 128, 600]),
+    seed=st.integers(0, 2**16),
+    dropped=st.floats(0.0, 0.3),
+)
+def test_fused_cpu_search_is_the_torch_search(p, bits, cols, seed, dropped):
+    """The fused CPU search (numba) tries the torch path's candidates, rounds them alike and keeps
+    them alike: the same scale on nearly every row, the same total loss; where a near-tie of two
+    coarse points is ordered the other way by the sum's order, a row may settle in the other
+    basin, at most a little worse (or better). Never worse than the max-abs start; fp16 values."""
+    grid, obj = Grid(bits), Objective(p=p)
+    g = torch.Generator().manual_seed(seed)
+    w = heavy_tailed(200, cols, seed=seed)
+    c = (torch.rand(w.shape, generator=g) + 0.5) * (torch.rand(w.shape, generator=g) >= dropped)
+    wo, _, s0 = oriented(w, c > 0, grid)
+    fused, eager = (Search(objective=obj, fused=f).solve(wo, c, s0, grid) for f in (True, False))
+    assert torch.equal(fused, to_fp16_grid(fused))
+    lf, le = obj.loss(wo, c, fused, grid), obj.loss(wo, c, eager, grid)
+    assert (lf <= obj.loss(wo, c, to_fp16_grid(s0), grid)).all()
+    assert (fused == eager).float().mean() >= 0.97
+    assert float(lf.sum()) == pytest.approx(float(le.sum()), rel=2e-3, abs=1e-30)
+
+
+def test_fused_fp16_rounding_is_fp16s_on_whole_binades():
+    """The fused search's fp16 rounding (Veltkamp's split; a multiple of the smallest step below
+    the normal range) against torch's on every fp32 value of five binades, ties included, and
+    the clamps at both ends."""
+    import numba
+    import numpy as np
+
+    from easyquant.core.search_cpu import _fp16
+
+    @numba.njit
+    def rounded(x: np.ndarray) -> np.ndarray:
+        out = np.empty_like(x)
+        for i in range(x.size):
+            out[i] = _fp16(x[i])
+        return out
+
+    for e in (-20, -14, -3, 0, 15):  # a subnormal binade of fp16, its first normal one, ..., its last
+        first = int(np.float32(2.0**e).view(np.int32))
+        x = np.arange(first, first + (1 << 23), dtype=np.int32).view(np.float32)
+        assert np.array_equal(rounded(x), to_fp16_grid(torch.from_numpy(x)).numpy()), e
+    ends = np.array([0.0, 1e-30, 2.0**-25, 65504.0, 65519.0, 7e4, 1e30], dtype=np.float32)
+    assert np.array_equal(rounded(ends), to_fp16_grid(torch.from_numpy(ends)).numpy())

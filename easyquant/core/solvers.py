@@ -139,6 +139,9 @@ def least_shrink(bits: int, cols: int) -> float:
     return LEAST_SHRINK_LONG if cols > LONG_ROW else LEAST_SHRINK.get(bits, LEAST_SHRINK_WIDE)
 
 
+FUSED_NORMS = (2.0, 3.0)  # the norms the CPU search is compiled for (a general power does not vectorise)
+
+
 @dataclass(frozen=True)
 class Search(RangeSolver):
     """easyquant's solver: a coarse scan of the range, a fine scan around each row's two best,
@@ -151,7 +154,9 @@ class Search(RangeSolver):
     where the best scales lie (:func:`least_shrink`, or from ``min_shrink``) in steps of about
     ``step``: for the default's groups of 64 at 4 bits 8 coarse and 8 fine candidates and 3
     steps, whose total loss on real weights was below a 200-point scan's (RESULTS.md,
-    "Quantization speed: the search in steps of the grid").
+    "Quantization speed: the search in steps of the grid"). On a CPU the whole search runs
+    fused, every candidate of a row from one read of it (:mod:`easyquant.core.search_cpu`; norms
+    2 and 3); ``fused=False`` runs it in torch, as on a GPU.
     """
 
     objective: Objective = field(default_factory=lambda: Objective(p=3.0))
@@ -160,12 +165,19 @@ class Search(RangeSolver):
     basins: int = 2
     fine: int = 4
     refine: int = 3
+    fused: bool = True
 
     def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
-        work = _work(w)
-        best = _scale_best(w, c, grid, self.objective, s0, work)
         least = least_shrink(grid.bits, w.shape[1]) if self.min_shrink is None else self.min_shrink
         coarse = round((1 - least) / self.step) + 1
+        if self.fused and w.device.type == "cpu" and self.objective.p in FUSED_NORMS:
+            from . import search_cpu  # numba: imported where it runs, not with the package
+
+            shrinks, offsets = _scan_points(least, coarse, self.fine, s0)
+            p = self.objective.p
+            return search_cpu.search(w, c, s0, grid.qmin, grid.qmax, p, shrinks, offsets, self.basins, self.refine)
+        work = _work(w)
+        best = _scale_best(w, c, grid, self.objective, s0, work)
         _scan(best, lambda t: (s0 * t,), s0, coarse, least, self.basins, self.fine)
         q, spare = work
         for _ in range(self.refine):
@@ -185,14 +197,20 @@ def _scan(
 ) -> None:
     """Offer ``best`` the candidates of ``coarse`` shrink factors from ``min_shrink`` to 1, then
     ``fine`` more around each row's ``basins`` best (two near-equal basins are common at 3 bits)."""
-    shrinks = torch.linspace(min_shrink, 1, coarse, dtype=like.dtype, device=like.device)
+    shrinks, offsets = _scan_points(min_shrink, coarse, fine, like)
     losses = torch.stack([best.consider(*candidate(t)) for t in shrinks.tolist()])
-    step = (1 - min_shrink) / max(coarse - 1, 1)
     centres = shrinks[losses.topk(min(basins, coarse), dim=0, largest=False).indices]
-    offsets = torch.linspace(-step, step, fine + 2)[1:-1].tolist()
     for centre in centres:
-        for u in offsets:
+        for u in offsets.tolist():
             best.consider(*candidate(centre + u))
+
+
+def _scan_points(min_shrink: float, coarse: int, fine: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scan's ``coarse`` shrinks from ``min_shrink`` to 1 and the ``fine`` offsets tried
+    around a basin's (within one coarse step either side, ends excluded)."""
+    shrinks = torch.linspace(min_shrink, 1, coarse, dtype=like.dtype, device=like.device)
+    step = (1 - min_shrink) / max(coarse - 1, 1)
+    return shrinks, torch.linspace(-step, step, fine + 2, dtype=like.dtype)[1:-1]
 
 
 def _fit_scale(

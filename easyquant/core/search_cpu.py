@@ -1,0 +1,139 @@
+"""The range search of :class:`~easyquant.core.solvers.Search` fused for the CPU: every candidate
+of a row (group) from one read of it.
+
+In torch each loss evaluation is some eight passes over the whole block (divide, round, clamp,
+subtract, power, weigh, sum), each memory-bound, and the search makes about twenty: on a CPU
+that was over half the default's time. Here one compiled loop (numba, a thread per row range)
+takes a row, keeps it in L1 while it tries the coarse scan, the fine scan around its two best
+basins and the reweighted least-squares steps, and writes one scale. Same candidates, same
+rounding to fp16, same strict acceptance as the torch path (which the GPU runs, and which the
+tests hold this one to); only the order of each row's sum differs. For the norms 2 and 3 (the
+default's): a general power does not run in SIMD lanes, and there torch was faster.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from .grid import FP16_MAX, FP16_TINY
+
+_TINY, _MAX, _NORMAL = np.float32(FP16_TINY), np.float32(FP16_MAX), np.float32(2.0**-14)
+_SPLIT = np.float32(2.0**13 + 1)  # Veltkamp: fp32's 24 significant bits split into 11 and 13
+
+
+@numba.njit
+def _fp16(x: np.float32) -> np.float32:
+    """``x`` clamped to fp16's positive range and rounded to the nearest fp16 value (ties to even),
+    as ``to_fp16_grid``: below fp16's normal range to a multiple of its smallest step, above it
+    by Veltkamp's split ``c - (c - x)``, ``c = (2^13 + 1) x`` (equal to fp16's own rounding on
+    every fp32 value of a whole binade, ties included: checked exhaustively in the tests). No
+    fast-math here: reassociation would fold the split to ``x``."""
+    x = np.float32(min(max(np.float32(x), _TINY), _MAX))
+    if x < _NORMAL:
+        return max(np.float32(np.rint(x / _TINY) * _TINY), _TINY)
+    c = x * _SPLIT
+    return c - (c - x)
+
+
+@numba.njit(fastmath={"reassoc"})  # reassociation lets the row's sum run in SIMD lanes
+def _loss(w: np.ndarray, c: np.ndarray, s: np.float32, qmin: float, qmax: float, p: float) -> np.float32:
+    """``|s|^p sum_j c_j |clamp(round(w_j / s)) - w_j / s|^p`` of one row for ``p`` 2 or 3, in fp32
+    like the torch path (``Objective.loss``). One loop per norm: a branch or a power inside the
+    loop would stop it running in SIMD lanes."""
+    acc = np.float32(0.0)
+    if p == 3.0:
+        for j in range(w.shape[0]):
+            r = w[j] / s
+            d = min(max(np.rint(r), qmin), qmax) - r
+            a = abs(d)
+            acc += (a * a) * (a * c[j])
+    else:
+        for j in range(w.shape[0]):
+            r = w[j] / s
+            d = min(max(np.rint(r), qmin), qmax) - r
+            acc += (d * d) * c[j]
+    return acc * (s * s * s if p == 3.0 else s * s)
+
+
+@numba.njit(fastmath={"reassoc"})
+def _fit(w: np.ndarray, c: np.ndarray, s: np.float32, qmin: float, qmax: float, p: float) -> np.float32:
+    """The scale minimising the squared error with the codes at ``s`` held fixed, reweighted by
+    ``|e|`` at ``s`` (IRLS) for ``p = 3`` (the torch path's ``_fit_scale``)."""
+    num, den = np.float32(0.0), np.float32(0.0)
+    floor = np.float32(1e-12) * s
+    if p == 2.0:
+        for j in range(w.shape[0]):
+            q = min(max(np.rint(w[j] / s), qmin), qmax)
+            cw = c[j] * q
+            num += cw * w[j]
+            den += cw * q
+    else:
+        for j in range(w.shape[0]):
+            q = min(max(np.rint(w[j] / s), qmin), qmax)
+            cw = max(abs(q * s - w[j]), floor) * c[j] * q
+            num += cw * w[j]
+            den += cw * q
+    fit = num / max(den, np.float32(1e-30)) if den > 0 else s
+    return max(fit, np.float32(FP16_TINY))
+
+
+@numba.njit(parallel=True, cache=True)
+def _search(w, c, s0, qmin, qmax, p, shrinks, offsets, basins, refine):
+    """Each row's scale: max-abs, the coarse shrinks, the fine offsets around the ``basins``
+    best coarse points, the least-squares steps; a candidate kept only where strictly better."""
+    rows, coarse = w.shape[0], shrinks.shape[0]
+    out = np.empty(rows, dtype=np.float32)
+    losses = np.empty((rows, coarse), dtype=np.float32)
+    for i in numba.prange(rows):
+        wi, ci, start, li = w[i], c[i], s0[i], losses[i]
+        best_s = np.float32(_fp16(start))
+        best = _loss(wi, ci, best_s, qmin, qmax, p)
+        for k in range(coarse):
+            s = np.float32(_fp16(start * shrinks[k]))
+            loss = _loss(wi, ci, s, qmin, qmax, p)
+            li[k] = loss
+            if loss < best:
+                best, best_s = loss, s
+        for _ in range(min(basins, coarse)):  # around each of the row's best coarse points, best first
+            at = 0
+            for k in range(1, coarse):
+                if li[k] < li[at]:
+                    at = k
+            li[at] = np.inf
+            for u in offsets:
+                s = np.float32(_fp16(start * np.float32(shrinks[at] + u)))
+                loss = _loss(wi, ci, s, qmin, qmax, p)
+                if loss < best:
+                    best, best_s = loss, s
+        for _ in range(refine):
+            s = np.float32(_fp16(_fit(wi, ci, best_s, qmin, qmax, p)))
+            loss = _loss(wi, ci, s, qmin, qmax, p)
+            if loss < best:
+                best, best_s = loss, s
+        out[i] = best_s
+    return out
+
+
+def search(
+    w: torch.Tensor,
+    c: torch.Tensor,
+    s0: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    p: float,
+    shrinks: torch.Tensor,
+    offsets: torch.Tensor,
+    basins: int,
+    refine: int,
+) -> torch.Tensor:
+    """Scales ``(rows,)`` (fp32, fp16 values) for oriented CPU rows ``w`` with importances ``c``
+    and max-abs scales ``s0``, in the ``p``-norm (2 or 3; others run in torch): the coarse
+    ``shrinks`` of ``s0``, ``offsets`` around each row's ``basins`` best, ``refine`` reweighted
+    least-squares steps (see ``Search``)."""
+    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # as torch's
+    as_np = [t.detach().float().contiguous().numpy() for t in (w, c, s0, shrinks, offsets)]
+    wn, cn, sn, shr, off = as_np
+    ends = np.float32(qmin), np.float32(qmax)
+    return torch.from_numpy(_search(wn, cn, sn, *ends, float(p), shr, off, basins, refine))
