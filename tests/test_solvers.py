@@ -200,21 +200,26 @@ def test_unknown_solver():
     cols=st.sampled_from([7, 32, 64, 128, 600]),
     seed=st.integers(0, 2**16),
     dropped=st.floats(0.0, 0.3),
+    turn=st.booleans(),
 )
-def test_fused_cpu_search_is_the_torch_search(p, bits, cols, seed, dropped):
-    """The fused CPU search (numba) tries the torch path's candidates, rounds them alike and keeps
-    them alike: the same scale on nearly every row, the same total loss; where a near-tie of two
-    coarse points is ordered the other way by the sum's order, a row may settle in the other
-    basin, at most a little worse (or better). Never worse than the max-abs start; fp16 values."""
+def test_fused_cpu_search_is_the_torch_search(p, bits, cols, seed, dropped, turn):
+    """The fused CPU search (numba) turns and starts each row as ``oriented`` does (ties and
+    rows with nothing kept included), tries the torch path's candidates, rounds them alike and
+    keeps them alike: the same signed scale on nearly every row, the same total loss; where a
+    near-tie of two coarse points is ordered the other way by the sum's order, a row may settle
+    in the other basin, at most a little worse (or better). Never worse than the max-abs start."""
     grid, obj = Grid(bits), Objective(p=p)
     g = torch.Generator().manual_seed(seed)
     w = heavy_tailed(200, cols, seed=seed)
+    w[:3] = w[:3].round(decimals=1)  # rows with tied peaks
     c = (torch.rand(w.shape, generator=g) + 0.5) * (torch.rand(w.shape, generator=g) >= dropped)
-    wo, _, s0 = oriented(w, c > 0, grid)
-    fused, eager = (Search(objective=obj, fused=f).solve(wo, c, s0, grid) for f in (True, False))
-    assert torch.equal(fused, to_fp16_grid(fused))
-    lf, le = obj.loss(wo, c, fused, grid), obj.loss(wo, c, eager, grid)
-    assert (lf <= obj.loss(wo, c, to_fp16_grid(s0), grid)).all()
+    c[3] = 0  # nothing kept
+    fused, eager = (Search(objective=obj, fused=f).solve_signed(w, c, grid, turn) for f in (True, False))
+    assert torch.equal(fused.abs(), to_fp16_grid(fused.abs()))
+    _, sign, s0 = oriented(w, c > 0, grid, turn)
+    assert torch.equal(torch.sign(fused), sign)
+    lf, le = (obj.loss(w * sign[:, None], c, s.abs(), grid) for s in (fused, eager))
+    assert (lf <= obj.loss(w * sign[:, None], c, to_fp16_grid(s0), grid)).all()
     assert (fused == eager).float().mean() >= 0.97
     assert float(lf.sum()) == pytest.approx(float(le.sum()), rel=2e-3, abs=1e-30)
 

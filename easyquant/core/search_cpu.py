@@ -19,12 +19,13 @@ import torch
 
 from .grid import FP16_MAX, FP16_TINY
 
+Row, F32 = np.ndarray, np.float32  # one row of fp32 values; an fp32 scalar
 _TINY, _MAX, _NORMAL = np.float32(FP16_TINY), np.float32(FP16_MAX), np.float32(2.0**-14)
 _SPLIT = np.float32(2.0**13 + 1)  # Veltkamp: fp32's 24 significant bits split into 11 and 13
 
 
 @numba.njit
-def _fp16(x: np.float32) -> np.float32:
+def _fp16(x: F32) -> F32:
     """``x`` clamped to fp16's positive range and rounded to the nearest fp16 value (ties to even),
     as ``to_fp16_grid``: below fp16's normal range to a multiple of its smallest step, above it
     by Veltkamp's split ``c - (c - x)``, ``c = (2^13 + 1) x`` (equal to fp16's own rounding on
@@ -38,61 +39,84 @@ def _fp16(x: np.float32) -> np.float32:
 
 
 @numba.njit(fastmath={"reassoc"})  # reassociation lets the row's sum run in SIMD lanes
-def _loss(w: np.ndarray, c: np.ndarray, s: np.float32, qmin: float, qmax: float, p: float) -> np.float32:
-    """``|s|^p sum_j c_j |clamp(round(w_j / s)) - w_j / s|^p`` of one row for ``p`` 2 or 3, in fp32
-    like the torch path (``Objective.loss``). One loop per norm: a branch or a power inside the
-    loop would stop it running in SIMD lanes."""
+def _loss(w: Row, c: Row, sign: F32, s: F32, qmin: F32, qmax: F32, p: float) -> F32:
+    """``|s|^p sum_j c_j |clamp(round(v_j / s)) - v_j / s|^p`` of one row turned by ``sign``
+    (``v = sign * w``) for ``p`` 2 or 3, in fp32 like the torch path (``Objective.loss``). One
+    loop per norm: a branch or a power inside the loop would stop it running in SIMD lanes."""
     acc = np.float32(0.0)
     if p == 3.0:
         for j in range(w.shape[0]):
-            r = w[j] / s
+            r = w[j] / s * sign
             d = min(max(np.rint(r), qmin), qmax) - r
             a = abs(d)
             acc += (a * a) * (a * c[j])
     else:
         for j in range(w.shape[0]):
-            r = w[j] / s
+            r = w[j] / s * sign
             d = min(max(np.rint(r), qmin), qmax) - r
             acc += (d * d) * c[j]
     return acc * (s * s * s if p == 3.0 else s * s)
 
 
 @numba.njit(fastmath={"reassoc"})
-def _fit(w: np.ndarray, c: np.ndarray, s: np.float32, qmin: float, qmax: float, p: float) -> np.float32:
+def _fit(w: Row, c: Row, sign: F32, s: F32, qmin: F32, qmax: F32, p: float) -> F32:
     """The scale minimising the squared error with the codes at ``s`` held fixed, reweighted by
     ``|e|`` at ``s`` (IRLS) for ``p = 3`` (the torch path's ``_fit_scale``)."""
     num, den = np.float32(0.0), np.float32(0.0)
     floor = np.float32(1e-12) * s
     if p == 2.0:
         for j in range(w.shape[0]):
-            q = min(max(np.rint(w[j] / s), qmin), qmax)
+            v = w[j] * sign
+            q = min(max(np.rint(v / s), qmin), qmax)
             cw = c[j] * q
-            num += cw * w[j]
+            num += cw * v
             den += cw * q
     else:
         for j in range(w.shape[0]):
-            q = min(max(np.rint(w[j] / s), qmin), qmax)
-            cw = max(abs(q * s - w[j]), floor) * c[j] * q
-            num += cw * w[j]
+            v = w[j] * sign
+            q = min(max(np.rint(v / s), qmin), qmax)
+            cw = max(abs(q * s - v), floor) * c[j] * q
+            num += cw * v
             den += cw * q
     fit = num / max(den, np.float32(1e-30)) if den > 0 else s
     return max(fit, np.float32(FP16_TINY))
 
 
+@numba.njit
+def _ends(w: Row, c: Row, qmin: F32, qmax: F32, turn: bool) -> tuple[F32, F32]:
+    """A row's sign and max-abs scale, as ``grid.oriented`` (the kept weights: ``c > 0``)."""
+    hi, lo = np.float32(0.0), np.float32(0.0)
+    for j in range(w.shape[0]):
+        if c[j] > 0:
+            hi, lo = max(hi, w[j]), min(lo, w[j])
+    up, down = hi, -lo
+    sign = np.float32(-1.0 if turn and up > down else 1.0)
+    if turn and up == down and up > 0:  # the first of the tied peaks decides
+        for j in range(w.shape[0]):
+            if c[j] > 0 and abs(w[j]) == up:
+                sign = np.float32(-1.0 if w[j] > 0 else 1.0)
+                break
+    longer, shorter = (up, down) if sign < 0 else (down, up)
+    s0 = max(longer / -qmin, shorter / qmax)
+    return sign, max(s0 if s0 > 0 else np.float32(1.0), _TINY)
+
+
 @numba.njit(parallel=True, cache=True)
-def _search(w, c, s0, qmin, qmax, p, shrinks, offsets, basins, refine):
-    """Each row's scale: max-abs, the coarse shrinks, the fine offsets around the ``basins``
-    best coarse points, the least-squares steps; a candidate kept only where strictly better."""
+def _search(w, c, turn, qmin, qmax, p, shrinks, offsets, basins, refine):
+    """Each row's signed scale: turned and started at max-abs, then the coarse shrinks, the fine
+    offsets around the ``basins`` best coarse points, the least-squares steps; a candidate kept
+    only where strictly better."""
     rows, coarse = w.shape[0], shrinks.shape[0]
     out = np.empty(rows, dtype=np.float32)
     losses = np.empty((rows, coarse), dtype=np.float32)
     for i in numba.prange(rows):
-        wi, ci, start, li = w[i], c[i], s0[i], losses[i]
+        wi, ci, li = w[i], c[i], losses[i]
+        sign, start = _ends(wi, ci, qmin, qmax, turn)
         best_s = np.float32(_fp16(start))
-        best = _loss(wi, ci, best_s, qmin, qmax, p)
+        best = _loss(wi, ci, sign, best_s, qmin, qmax, p)
         for k in range(coarse):
             s = np.float32(_fp16(start * shrinks[k]))
-            loss = _loss(wi, ci, s, qmin, qmax, p)
+            loss = _loss(wi, ci, sign, s, qmin, qmax, p)
             li[k] = loss
             if loss < best:
                 best, best_s = loss, s
@@ -104,22 +128,22 @@ def _search(w, c, s0, qmin, qmax, p, shrinks, offsets, basins, refine):
             li[at] = np.inf
             for u in offsets:
                 s = np.float32(_fp16(start * np.float32(shrinks[at] + u)))
-                loss = _loss(wi, ci, s, qmin, qmax, p)
+                loss = _loss(wi, ci, sign, s, qmin, qmax, p)
                 if loss < best:
                     best, best_s = loss, s
         for _ in range(refine):
-            s = np.float32(_fp16(_fit(wi, ci, best_s, qmin, qmax, p)))
-            loss = _loss(wi, ci, s, qmin, qmax, p)
+            s = np.float32(_fp16(_fit(wi, ci, sign, best_s, qmin, qmax, p)))
+            loss = _loss(wi, ci, sign, s, qmin, qmax, p)
             if loss < best:
                 best, best_s = loss, s
-        out[i] = best_s
+        out[i] = best_s * sign
     return out
 
 
-def search(
+def search_signed(
     w: torch.Tensor,
     c: torch.Tensor,
-    s0: torch.Tensor,
+    turn: bool,
     qmin: int,
     qmax: int,
     p: float,
@@ -128,12 +152,12 @@ def search(
     basins: int,
     refine: int,
 ) -> torch.Tensor:
-    """Scales ``(rows,)`` (fp32, fp16 values) for oriented CPU rows ``w`` with importances ``c``
-    and max-abs scales ``s0``, in the ``p``-norm (2 or 3; others run in torch): the coarse
-    ``shrinks`` of ``s0``, ``offsets`` around each row's ``basins`` best, ``refine`` reweighted
-    least-squares steps (see ``Search``)."""
+    """Signed scales ``(rows,)`` (fp32, fp16 values) for CPU rows ``w`` as they are, with
+    importances ``c``, in the ``p``-norm (2 or 3; others run in torch): each row turned (``turn``)
+    and started at max-abs as ``grid.oriented`` does, then the coarse ``shrinks`` of that start,
+    ``offsets`` around each row's ``basins`` best, ``refine`` reweighted least-squares steps (see
+    ``Search``)."""
     numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # as torch's
-    as_np = [t.detach().float().contiguous().numpy() for t in (w, c, s0, shrinks, offsets)]
-    wn, cn, sn, shr, off = as_np
+    wn, cn, shr, off = (t.detach().float().contiguous().numpy() for t in (w, c, shrinks, offsets))
     ends = np.float32(qmin), np.float32(qmax)
-    return torch.from_numpy(_search(wn, cn, sn, *ends, float(p), shr, off, basins, refine))
+    return torch.from_numpy(_search(wn, cn, turn, *ends, float(p), shr, off, basins, refine))

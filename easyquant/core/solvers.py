@@ -154,9 +154,10 @@ class Search(RangeSolver):
     where the best scales lie (:func:`least_shrink`, or from ``min_shrink``) in steps of about
     ``step``: for the default's groups of 64 at 4 bits 8 coarse and 8 fine candidates and 3
     steps, whose total loss on real weights was below a 200-point scan's (RESULTS.md,
-    "Quantization speed: the search in steps of the grid"). On a CPU the whole search runs
-    fused, every candidate of a row from one read of it (:mod:`easyquant.core.search_cpu`; norms
-    2 and 3); ``fused=False`` runs it in torch, as on a GPU.
+    "Quantization speed: the search in steps of the grid"). On a CPU, :meth:`solve_signed` runs
+    the whole search fused, every candidate of a row from one read of it
+    (:mod:`easyquant.core.search_cpu`; norms 2 and 3); ``fused=False`` (and :meth:`solve`) run it
+    in torch, as on a GPU.
     """
 
     objective: Objective = field(default_factory=lambda: Objective(p=3.0))
@@ -167,15 +168,23 @@ class Search(RangeSolver):
     refine: int = 3
     fused: bool = True
 
-    def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
-        least = least_shrink(grid.bits, w.shape[1]) if self.min_shrink is None else self.min_shrink
-        coarse = round((1 - least) / self.step) + 1
-        if self.fused and w.device.type == "cpu" and self.objective.p in FUSED_NORMS:
-            from . import search_cpu  # numba: imported where it runs, not with the package
+    def solve_signed(self, w: torch.Tensor, c: torch.Tensor, grid: Grid, turn: bool = True) -> torch.Tensor:
+        if not (self.fused and w.device.type == "cpu" and self.objective.p in FUSED_NORMS):
+            return super().solve_signed(w, c, grid, turn)
+        from . import search_cpu  # numba: imported where it runs, not with the package
 
-            shrinks, offsets = _scan_points(least, coarse, self.fine, s0)
-            p = self.objective.p
-            return search_cpu.search(w, c, s0, grid.qmin, grid.qmax, p, shrinks, offsets, self.basins, self.refine)
+        least, coarse = self._span(grid, w.shape[1])
+        shrinks, offsets = _scan_points(least, coarse, self.fine, w)
+        p, basins, refine = self.objective.p, self.basins, self.refine
+        return search_cpu.search_signed(w, c, turn, grid.qmin, grid.qmax, p, shrinks, offsets, basins, refine)
+
+    def _span(self, grid: Grid, cols: int) -> tuple[float, int]:
+        """The least shrink the scan tries and its count of coarse points."""
+        least = least_shrink(grid.bits, cols) if self.min_shrink is None else self.min_shrink
+        return least, round((1 - least) / self.step) + 1
+
+    def solve(self, w: torch.Tensor, c: torch.Tensor, s0: torch.Tensor, grid: Grid) -> torch.Tensor:
+        least, coarse = self._span(grid, w.shape[1])
         work = _work(w)
         best = _scale_best(w, c, grid, self.objective, s0, work)
         _scan(best, lambda t: (s0 * t,), s0, coarse, least, self.basins, self.fine)
