@@ -9,7 +9,8 @@ stored as GGUF Q4_1, i.e. 4-bit quantized once already) and 7B-shaped Student-t 
                          [--methods all|speed] [--repeat 3] [--json bench/results/core.json]
 
 ``--methods speed`` is the speed table of the issue that asks for a default faster than every
-data-free peer: the default, the previous default, ``--target-bpw`` (each matrix's setting chosen
+data-free peer: the default, the default with its search in torch (as on a GPU; the CPU runs a
+compiled one), the previous default, ``--target-bpw`` (each matrix's setting chosen
 from the menu, then quantized), HQQ g64/g128, SINQ g64/g128 and RTN, with each method's weights
 per second as a ratio to HQQ g64's and SINQ g64's in the same run; its synthetic matrices are
 the heavy-tailed 7B shapes 4096x4096, 4096x2048 and 2048x4096.
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from easyquant import QuantConfig, quantize_weight
+from easyquant.core import solvers
 from easyquant.core.allocate import plan
 from easyquant.eval.compare import PER_CHANNEL
 from easyquant.eval.peers import hqq_quantize, sinq_quantize
@@ -74,9 +76,24 @@ def hqq(bits: int, group: int) -> Method:
     return peer(hqq_quantize, bits, group)
 
 
+def in_torch(method: Method) -> Method:
+    """``method`` with the range search in torch, as a GPU runs it: the CPU's compiled search
+    (:mod:`easyquant.core.search_cpu`) switched off for the call, the same candidates tried."""
+
+    def run(w: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        compiled, solvers.FUSED_NORMS = solvers.FUSED_NORMS, ()
+        try:
+            return method(w)
+        finally:
+            solvers.FUSED_NORMS = compiled
+
+    return run
+
+
 def speed_methods(bits: int) -> dict[str, Method]:
     return {
         "easyquant default (g64, n=4, column scales)": ours(False, bits=bits),
+        "default, search in torch (the GPU's path)": in_torch(ours(False, bits=bits)),
         "previous default (per channel, n=3)": ours(bits=bits),
         "--target-bpw 4.25": budget(4.25 + bits - 4, bits=bits),
         "hqq g64": hqq(bits, 64),

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,3 +91,24 @@ def test_cpu_bench_reduced_form(tmp_path):
     assert [(d["weights"], d["dtype"]) for d in decode] == [
         ("dense", "fp32"), ("dense", "bf16"), ("easyquant", "fp32"), ("easyquant", "bf16")]  # fmt: skip
     assert all(d["tokens_per_s"] > 0 for d in decode)
+
+
+def test_model_time_reduced_form(tmp_path):
+    """bench/model_time.py on a tiny Llama: easyquant's whole CLI run and the peers over the same
+    target weights (every block linear), each with its time and ratios to HQQ and SINQ."""
+    from conftest import tiny_model
+
+    model = tiny_model("llama", tmp_path / "src")
+    out = tmp_path / "time.json"
+    proc = subprocess.run([sys.executable, "bench/model_time.py", str(tmp_path / "src"), "--workers", "1", "--json",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    linears = sum(m.weight.numel() for n, m in model.named_modules() if n.startswith("model.layers") and
+                  isinstance(m, torch.nn.Linear))  # fmt: skip
+    assert result["meta"]["target_weights"] == linears
+    names = [r["method"].split(" (")[0] for r in result["rows"]]
+    assert names == ["hqq g64", "sinq g64", "easyquant quantize, defaults, --workers 1"]
+    assert all(r["seconds"] > 0 and r["mweights_per_s"] > 0 for r in result["rows"])
+    assert result["rows"][0]["x_hqq_g64"] == 1 and result["rows"][1]["x_sinq_g64"] == 1
+    assert "| method | seconds |" in proc.stdout

@@ -13,11 +13,19 @@ default's): a general power does not run in SIMD lanes, and there torch was fast
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 import torch
 
 from .grid import FP16_MAX, FP16_TINY
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    # numba's OpenMP pool keeps its threads spinning between calls, as torch's does, and the two
+    # pools then fight over the cores (`quantize --workers 2` ran 5x slower on SmolLM2); its
+    # plain thread pool sleeps.
+    numba.config.THREADING_LAYER = "workqueue"
 
 Row, F32 = np.ndarray, np.float32  # one row of fp32 values; an fp32 scalar
 _TINY, _MAX, _NORMAL = np.float32(FP16_TINY), np.float32(FP16_MAX), np.float32(2.0**-14)
