@@ -201,20 +201,27 @@ def test_unknown_solver():
     seed=st.integers(0, 2**16),
     dropped=st.floats(0.0, 0.3),
     turn=st.booleans(),
+    threads=st.sampled_from([1, 2]),
 )
-def test_fused_cpu_search_is_the_torch_search(p, bits, cols, seed, dropped, turn):
+def test_fused_cpu_search_is_the_torch_search(p, bits, cols, seed, dropped, turn, threads):
     """The fused CPU search (numba) turns and starts each row as ``oriented`` does (ties and
     rows with nothing kept included), tries the torch path's candidates, rounds them alike and
     keeps them alike: the same signed scale on nearly every row, the same total loss; where a
     near-tie of two coarse points is ordered the other way by the sum's order, a row may settle
-    in the other basin, at most a little worse (or better). Never worse than the max-abs start."""
+    in the other basin, at most a little worse (or better). Never worse than the max-abs start.
+    With one thread (a worker's) the loop runs in the caller's thread, with more in numba's pool."""
     grid, obj = Grid(bits), Objective(p=p)
     g = torch.Generator().manual_seed(seed)
     w = heavy_tailed(200, cols, seed=seed)
     w[:3] = w[:3].round(decimals=1)  # rows with tied peaks
     c = (torch.rand(w.shape, generator=g) + 0.5) * (torch.rand(w.shape, generator=g) >= dropped)
     c[3] = 0  # nothing kept
-    fused, eager = (Search(objective=obj, fused=f).solve_signed(w, c, grid, turn) for f in (True, False))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused, eager = (Search(objective=obj, fused=f).solve_signed(w, c, grid, turn) for f in (True, False))
+    finally:
+        torch.set_num_threads(before)
     assert torch.equal(fused.abs(), to_fp16_grid(fused.abs()))
     _, sign, s0 = oriented(w, c > 0, grid, turn)
     assert torch.equal(torch.sign(fused), sign)

@@ -13,19 +13,11 @@ default's): a general power does not run in SIMD lanes, and there torch was fast
 
 from __future__ import annotations
 
-import os
-
 import numba
 import numpy as np
 import torch
 
 from .grid import FP16_MAX, FP16_TINY
-
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    # numba's OpenMP pool keeps its threads spinning between calls, as torch's does, and the two
-    # pools then fight over the cores (`quantize --workers 2` ran 5x slower on SmolLM2); its
-    # plain thread pool sleeps.
-    numba.config.THREADING_LAYER = "workqueue"
 
 Row, F32 = np.ndarray, np.float32  # one row of fp32 values; an fp32 scalar
 _TINY, _MAX, _NORMAL = np.float32(FP16_TINY), np.float32(FP16_MAX), np.float32(2.0**-14)
@@ -109,42 +101,58 @@ def _ends(w: Row, c: Row, qmin: F32, qmax: F32, turn: bool) -> tuple[F32, F32]:
     return sign, max(s0 if s0 > 0 else np.float32(1.0), _TINY)
 
 
+@numba.njit
+def _row(w: Row, c: Row, losses: Row, turn: bool, qmin: F32, qmax: F32, p: float, shrinks: Row, offsets: Row,
+         basins: int, refine: int) -> F32:  # fmt: skip
+    """One row's signed scale: turned and started at max-abs, then the coarse shrinks, the fine
+    offsets around the ``basins`` best coarse points, the least-squares steps; a candidate kept
+    only where strictly better. ``losses``: room for the coarse points' losses."""
+    coarse = shrinks.shape[0]
+    sign, start = _ends(w, c, qmin, qmax, turn)
+    best_s = np.float32(_fp16(start))
+    best = _loss(w, c, sign, best_s, qmin, qmax, p)
+    for k in range(coarse):
+        s = np.float32(_fp16(start * shrinks[k]))
+        loss = _loss(w, c, sign, s, qmin, qmax, p)
+        losses[k] = loss
+        if loss < best:
+            best, best_s = loss, s
+    for _ in range(min(basins, coarse)):  # around each of the row's best coarse points, best first
+        at = 0
+        for k in range(1, coarse):
+            if losses[k] < losses[at]:
+                at = k
+        losses[at] = np.inf
+        for u in offsets:
+            s = np.float32(_fp16(start * np.float32(shrinks[at] + u)))
+            loss = _loss(w, c, sign, s, qmin, qmax, p)
+            if loss < best:
+                best, best_s = loss, s
+    for _ in range(refine):
+        s = np.float32(_fp16(_fit(w, c, sign, best_s, qmin, qmax, p)))
+        loss = _loss(w, c, sign, s, qmin, qmax, p)
+        if loss < best:
+            best, best_s = loss, s
+    return best_s * sign
+
+
 @numba.njit(parallel=True, cache=True)
 def _search(w, c, turn, qmin, qmax, p, shrinks, offsets, basins, refine):
-    """Each row's signed scale: turned and started at max-abs, then the coarse shrinks, the fine
-    offsets around the ``basins`` best coarse points, the least-squares steps; a candidate kept
-    only where strictly better."""
-    rows, coarse = w.shape[0], shrinks.shape[0]
-    out = np.empty(rows, dtype=np.float32)
-    losses = np.empty((rows, coarse), dtype=np.float32)
-    for i in numba.prange(rows):
-        wi, ci, li = w[i], c[i], losses[i]
-        sign, start = _ends(wi, ci, qmin, qmax, turn)
-        best_s = np.float32(_fp16(start))
-        best = _loss(wi, ci, sign, best_s, qmin, qmax, p)
-        for k in range(coarse):
-            s = np.float32(_fp16(start * shrinks[k]))
-            loss = _loss(wi, ci, sign, s, qmin, qmax, p)
-            li[k] = loss
-            if loss < best:
-                best, best_s = loss, s
-        for _ in range(min(basins, coarse)):  # around each of the row's best coarse points, best first
-            at = 0
-            for k in range(1, coarse):
-                if li[k] < li[at]:
-                    at = k
-            li[at] = np.inf
-            for u in offsets:
-                s = np.float32(_fp16(start * np.float32(shrinks[at] + u)))
-                loss = _loss(wi, ci, sign, s, qmin, qmax, p)
-                if loss < best:
-                    best, best_s = loss, s
-        for _ in range(refine):
-            s = np.float32(_fp16(_fit(wi, ci, sign, best_s, qmin, qmax, p)))
-            loss = _loss(wi, ci, sign, s, qmin, qmax, p)
-            if loss < best:
-                best, best_s = loss, s
-        out[i] = best_s * sign
+    """Every row's signed scale (:func:`_row`), rows shared among numba's threads."""
+    out, losses = np.empty(w.shape[0], dtype=np.float32), np.empty((w.shape[0], shrinks.shape[0]), dtype=np.float32)
+    for i in numba.prange(w.shape[0]):
+        out[i] = _row(w[i], c[i], losses[i], turn, qmin, qmax, p, shrinks, offsets, basins, refine)
+    return out
+
+
+@numba.njit(cache=True)
+def _search_serial(w, c, turn, qmin, qmax, p, shrinks, offsets, basins, refine):
+    """:func:`_search` in the calling thread. A numba OpenMP pool beside torch's in each of several
+    single-thread workers kept both spinning (``quantize --workers 2`` ran at 4.5 instead of 13
+    Mweights/s on SmolLM2); numba's plain thread pool instead lost a third of the gain in one process."""
+    out, losses = np.empty(w.shape[0], dtype=np.float32), np.empty(shrinks.shape[0], dtype=np.float32)
+    for i in range(w.shape[0]):
+        out[i] = _row(w[i], c[i], losses, turn, qmin, qmax, p, shrinks, offsets, basins, refine)
     return out
 
 
@@ -165,7 +173,10 @@ def search_signed(
     and started at max-abs as ``grid.oriented`` does, then the coarse ``shrinks`` of that start,
     ``offsets`` around each row's ``basins`` best, ``refine`` reweighted least-squares steps (see
     ``Search``)."""
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # as torch's
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)  # as torch is told
     wn, cn, shr, off = (t.detach().float().contiguous().numpy() for t in (w, c, shrinks, offsets))
-    ends = np.float32(qmin), np.float32(qmax)
-    return torch.from_numpy(_search(wn, cn, turn, *ends, float(p), shr, off, basins, refine))
+    args = (wn, cn, turn, np.float32(qmin), np.float32(qmax), float(p), shr, off, basins, refine)
+    if threads == 1:  # one thread (each of several workers): no thread pool of numba's beside torch's
+        return torch.from_numpy(_search_serial(*args))
+    numba.set_num_threads(threads)
+    return torch.from_numpy(_search(*args))
