@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from core import minilm_linears, smollm2_linears
+from workloads import format_table
 
 from easyquant import QuantConfig, quantize_weight
 from easyquant.core.allocate import Choice, allocate, menu, score
@@ -90,15 +91,15 @@ def main() -> None:
         "note": "SmolLM2 weights come from a GGUF Q4_1 file: they were 4-bit quantized once (blocks of 32).",
     }
     print(f"\n{meta['date']}, {meta['machine']}, {meta['threads']} threads")
-    print("| matrices | budget | solved plan's error | RTN plan's error | ratio | layers differing | "
-          "scoring time x default: solved / RTN |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['matrices']} | {r['budget']} | {r['solved_plan_error']:.6f} | {r['rtn_plan_error']:.6f} | "
-            f"{r['rtn_plan_error'] / r['solved_plan_error']:.4f} | {r['layers_differing']}/{r['layers']} | "
-            f"{r['solved_scoring_x_default']:.1f} / {r['rtn_scoring_x_default']:.2f} |"
-        )
+    shown = [r | {"error_ratio": r["rtn_plan_error"] / r["solved_plan_error"],
+                  "differing": f"{r['layers_differing']}/{r['layers']}",
+                  "scoring_x_default": f"{r['solved_scoring_x_default']:.1f} / {r['rtn_scoring_x_default']:.2f}"}
+             for r in rows]  # fmt: skip
+    print(format_table(shown, [("matrices", "matrices", "{}"), ("budget", "budget", "{}"),
+                              ("solved plan's error", "solved_plan_error", "{:.6f}"),
+                              ("RTN plan's error", "rtn_plan_error", "{:.6f}"), ("ratio", "error_ratio", "{:.4f}"),
+                              ("layers differing", "differing", "{}"),
+                              ("scoring time x default: solved / RTN", "scoring_x_default", "{}")]))  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 

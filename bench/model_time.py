@@ -25,6 +25,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from workloads import format_table
 
 from easyquant.checkpoint.source import open_source, source_note, stage_gguf
 from easyquant.checkpoint.targets import find_targets
@@ -79,10 +80,9 @@ def main() -> None:
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "source": note, "target_weights": weights}  # fmt: skip
     print(f"{meta['source']}; {weights / 1e9:.3f}B target weights; {meta['machine']}; {meta['date']}")
-    print("| method | seconds | Mweights/s | x HQQ g64 | x SINQ g64 |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['seconds']:.1f} | {r['mweights_per_s']:.2f} | {r['x_hqq_g64']:.2f} | "
-              f"{r['x_sinq_g64']:.2f} |")  # fmt: skip
+    print(format_table(rows, [("method", "method", "{}"), ("seconds", "seconds", "{:.1f}"),
+                              ("Mweights/s", "mweights_per_s", "{:.2f}"), ("x HQQ g64", "x_hqq_g64", "{:.2f}"),
+                              ("x SINQ g64", "x_sinq_g64", "{:.2f}")]))  # fmt: skip
     if a.json:
         Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     staging.cleanup()
